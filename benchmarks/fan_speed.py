@@ -1,0 +1,114 @@
+"""FAN forward speed: GMACs per image, images per second, and utilisation of the machine's dense-matmul rate.
+
+Utilisation = achieved GMAC/s (GMACs per image × images per second) ÷ the GMAC/s of a large dense fp32 matmul timed
+by this script on the same machine in the same run, so numbers from different machines compare (issue 2 §4).
+
+    .venv/bin/python benchmarks/fan_speed.py                        # CPU, fp32, batch 8 at 224
+    .venv/bin/python benchmarks/fan_speed.py --device cuda --amp    # GPU, bf16 autocast
+
+Timings are medians over ``--iters`` runs after warm-up; on a machine shared with other jobs the 2-thread numbers
+swing widely (OpenMP threads wait on a busy core), so benchmark on a quiet machine or pass ``--threads 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import time
+
+import torch
+
+import ravit
+from ravit.bench.flops import count_gmacs
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn, device: torch.device, iters: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_gmacs_per_s(device: torch.device, dtype: torch.dtype, n: int, iters: int) -> float:
+    """GMAC/s of an n×n @ n×n matmul: the practical peak for dense work on this machine."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = _median_seconds(lambda: torch.mm(a, b), device, iters, warmup=2)
+    return n**3 / seconds / 1e9
+
+
+def bench_model(name: str, device: torch.device, batch: int, img: int, iters: int, amp: bool, compiled: bool) -> dict:
+    model = ravit.create_model(name).eval()
+    gmacs = count_gmacs(model, torch.randn(1, 3, img, img))  # counted on CPU: the same ops run on any device
+    model.to(device)
+    if compiled:
+        model = torch.compile(model)  # the warm-up runs below include the (one-off) compilation
+    images = torch.randn(batch, 3, img, img, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+
+    def run():
+        with torch.inference_mode(), autocast:
+            model(images)
+
+    seconds = _median_seconds(run, device, iters, warmup=3)
+    return dict(model=name, gmacs_per_image=gmacs, images_per_s=batch / seconds, ms_per_batch=seconds * 1e3,
+                gmacs_per_s=gmacs * batch / seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["fan_tiny_12_p16_224", "fan_small_12_p16_224"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (the matmul reference is then bf16 too)")
+    parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(model) (needs a C++ compiler)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's; use 1 on a shared, busy machine)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.amp else torch.float32
+    peak = matmul_gmacs_per_s(device, dtype, args.matmul_size, args.iters)
+    rows = []
+    for name in args.models:
+        for compiled in (False, True) if args.compile else (False,):
+            row = bench_model(name, device, args.batch_size, args.img_size, args.iters, args.amp, compiled)
+            rows.append(dict(row, model=name + (" (compiled)" if compiled else ""), compiled=compiled))
+    peak = max(peak, matmul_gmacs_per_s(device, dtype, args.matmul_size, args.iters))  # best of before/after
+    print(f"device {device}, {torch.get_num_threads()} threads, {'bf16 autocast' if args.amp else 'fp32'}, "
+          f"batch {args.batch_size} at {args.img_size}; dense {args.matmul_size}² matmul: {peak:.1f} GMAC/s")
+    print(f"{'model':34s} {'GMACs/img':>10s} {'img/s':>8s} {'ms/batch':>9s} {'GMAC/s':>8s} {'util':>6s}")
+    for row in rows:
+        row["utilisation"] = row["gmacs_per_s"] / peak
+        print(f"{row['model']:34s} {row['gmacs_per_image']:10.3f} {row['images_per_s']:8.1f} "
+              f"{row['ms_per_batch']:9.1f} {row['gmacs_per_s']:8.1f} {row['utilisation']:6.1%}")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(dict(device=str(device), threads=torch.get_num_threads(), amp=args.amp,
+                           batch_size=args.batch_size, img_size=args.img_size, matmul_gmacs_per_s=peak,
+                           models=rows), f, indent=2)
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Channel processing: FAN's "efficient channel attention" (ECA), the second half of a FAN block.
+
+FAN (Zhou et al., ICML 2022, arXiv 2204.12451) Sec. 3.2, Eq. 7 as released (fan.md §2): per head, a per-channel gate
+g_c = τ_h · sigmoid(Σ_n softmax_N(W_q z)[n, c] · mean_{c' in head} softmax_N(z)[n, c']) multiplies
+v = LN_v(DWConvMlp(z)). There is no key/value projection and no output projection; LN_v has eps 1e-5.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .mlp import DWConvMlp
+
+__all__ = ["ChannelProcessing", "channel_attention_gate"]
+
+
+def channel_attention_gate(q: torch.Tensor, k: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Per-sample, per-channel gate of ECA; q, k (B, N, C), temperature (h, 1, 1) -> gate (B, 1, C).
+
+    q's softmax over tokens is taken per channel; k's per channel then averaged over the head's channels (the token
+    "prototype"); their inner product over tokens lies in [0, 1], the gate is τ·sigmoid of it.
+    """
+    B, N, C = q.shape
+    h = temperature.shape[0]
+    d = C // h
+    q = q.softmax(dim=1)  # (B, N, C)
+    k = k.softmax(dim=1).view(B, N, h, d).mean(-1)  # (B, N, h)
+    # One bmm over all head pairs, then keep each head with its own channels (the block diagonal): no copy of q.
+    attn = torch.bmm(k.transpose(1, 2), q).view(B, h, h, d).diagonal(dim1=1, dim2=2)  # (B, d, h)
+    return (attn.sigmoid() * temperature.view(1, 1, h)).transpose(1, 2).reshape(B, 1, C)
+
+
+class ChannelProcessing(nn.Module):
+    """FAN's channel attention; ``forward(x, hw)`` with x (B, N, C) on an (H, W) token grid returns (B, N, C)."""
+
+    def __init__(self, dim: int, num_heads: int = 8, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 drop: float = 0.0, attn_drop: float = 0.0, dwconv_residual: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.mlp_v = DWConvMlp(dim, int(dim * mlp_ratio), drop=drop, dwconv_residual=dwconv_residual)
+        self.norm_v = nn.LayerNorm(dim)  # default eps 1e-5, as released (the rest of FAN uses 1e-6)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], return_attention: bool = False,
+                out_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None):
+        """x (B, N, C) on an (H, W) grid -> (B, N, C); with ``return_attention`` also the channel gate (B, 1, C).
+
+        ``out_scale`` (C,) multiplies the output (folded into the gate); with ``residual`` the result is
+        ``residual + output`` in one pass. Both serve the block's LayerScale and skip connection.
+        """
+        gate = self.attn_drop(channel_attention_gate(self.q(x), x, self.temperature))  # (B, 1, C)
+        v = self.norm_v(self.mlp_v(x, hw))  # (B, N, C)
+        scale = gate if out_scale is None else gate * out_scale
+        out = v * scale if residual is None else torch.addcmul(residual, v, scale)
+        return (out, gate) if return_attention else out

@@ -1,0 +1,62 @@
+"""Depthwise-conv token mixer inside FAN's MLP: 3×3 DWConv → GELU → BatchNorm → 3×3 DWConv on the token grid.
+
+FAN (arXiv 2204.12451) Sec. 3 / official ``DWConv``: the MLP of a FAN block sees the tokens as an (H, W) map. Key names
+``conv1``, ``bn``, ``conv2`` follow the official checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["DWConv", "tokens_to_map", "map_to_tokens"]
+
+
+def tokens_to_map(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(B, N, C) tokens -> (B, C, H, W) map, channels-last in memory (a view, no copy)."""
+    B, N, C = x.shape
+    H, W = hw
+    if N != H * W:
+        raise ValueError(f"{N} tokens do not form a {H}×{W} grid")
+    return x.view(B, H, W, C).permute(0, 3, 1, 2)
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) map -> (B, H·W, C) tokens."""
+    return x.permute(0, 2, 3, 1).flatten(1, 2)
+
+
+class DWConv(nn.Module):
+    """Depthwise 3×3 conv, GELU, BatchNorm2d, depthwise 3×3 conv; ``forward(x, hw)`` on (B, N, C) tokens.
+
+    ``out_scale`` (C,) multiplies the output; it is folded into ``conv2``'s weight and bias (no extra pass). The
+    BatchNorm is not folded into ``conv2``: ``conv2`` zero-pads BN's *output*, so BN's shift would need a
+    per-position border correction, which measured slower than one multiply-add pass.
+    """
+
+    def __init__(self, dim: int, kernel_size: int = 3, act_layer: type[nn.Module] = nn.GELU):
+        super().__init__()
+        padding = kernel_size // 2
+        self.conv1 = nn.Conv2d(dim, dim, kernel_size, padding=padding, groups=dim)
+        self.act = act_layer()
+        self.bn = nn.BatchNorm2d(dim)
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=padding, groups=dim)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        # Convs see (B, C, H, W) maps with channels-last strides (oneDNN's fast depthwise path); the elementwise GELU
+        # and BatchNorm run on the same memory viewed as contiguous (B, N, C) tokens, their fastest layout.
+        x = map_to_tokens(self.conv1(tokens_to_map(x.contiguous(), hw)))  # (B, N, C)
+        x = self.act(x)
+        bn = self.bn
+        if bn.training or not bn.track_running_stats:
+            x = bn(tokens_to_map(x, hw))
+        else:  # eval BatchNorm as one multiply-add per channel (the same arithmetic, in the token layout)
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            x = tokens_to_map(torch.addcmul(bn.bias - bn.running_mean * scale, x, scale), hw)
+        conv = self.conv2
+        weight, bias = conv.weight, conv.bias
+        if out_scale is not None:
+            weight, bias = weight * out_scale.view(-1, 1, 1, 1), bias * out_scale
+        x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return map_to_tokens(x)  # (B, N, C)

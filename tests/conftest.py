@@ -1,0 +1,31 @@
+"""Shared test fixtures: the parity-fixture folder and tiny build settings per model family."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+PARITY_DIR = Path(os.environ.get("RAVIT_PARITY_DIR", Path(__file__).resolve().parents[2] / "shared/fixtures/parity"))
+
+# Overrides that make each family's registered models small enough for CPU tests (keyed by the model's module).
+TINY_KWARGS = {
+    "ravit.models.fan": dict(embed_dim=32, depth=2, num_heads=2, channel_dims=[32, 32]),
+    "ravit.models.fan_hybrid": dict(embed_dim=32, depth=2, num_heads=2, channel_dims=[32, 32], convnext_depths=(1, 1),
+                                    convnext_dims=(16, 32)),
+    "ravit.models.fan_swin": dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2)),
+}
+
+
+@pytest.fixture(scope="session")
+def parity_dir() -> Path:
+    if not (PARITY_DIR / "manifest.json").is_file():
+        pytest.skip(f"parity fixtures not found at {PARITY_DIR} (set RAVIT_PARITY_DIR)")
+    return PARITY_DIR
+
+
+@pytest.fixture(scope="session")
+def parity_manifest(parity_dir: Path) -> dict:
+    return json.loads((parity_dir / "manifest.json").read_text())
