@@ -1,0 +1,148 @@
+"""Dense vs ATS throughput on timm ``deit_small_patch16_224``, with the GMACs ratio measured in the same run.
+
+ATS runs in blocks 3..11 (the paper's multi-stage placement) at a cost of about ``--target`` of the dense GMACs (the
+paper's 2.9 / 4.6 = 0.63). Weights are timm's random initialisation (no network here), in two scenarios:
+
+- ``fixed-K``: stock weights, an int budget K chosen by bisection; every image keeps about K tokens.
+- ``adaptive``: the released default budget (K = all tokens) on weights whose query/key rows are scaled by s (chosen
+  by bisection) so attention is peaked as in a trained model; images keep different token counts, so batches are
+  ragged (the paper's per-image adaptivity, and the hard case for speed).
+
+Goal (issue 3): ATS speed-up >= 0.9 x (dense GMACs / ATS GMACs), at batch 1 and batch 64.
+
+    python benchmarks/ats_speed.py [--batch-sizes 1 64] [--runs 5] [--threads N] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import timm
+import torch
+
+from ravit.ats import apply_ats, remove_ats, trace
+from ravit.bench.flops import count_gmacs
+
+BLOCKS = list(range(3, 12))
+
+
+def _timed(model: torch.nn.Module, images: torch.Tensor) -> float:
+    if images.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model(images)
+    if images.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def throughput(model: torch.nn.Module, images: torch.Tensor, runs: int, budget) -> tuple[float, float]:
+    """(dense, ATS) images per second: a warm-up call each, then ``runs`` timed calls of each, interleaved so that
+    load drifts on a shared machine hit both alike; the median time of each is reported."""
+    dense, ats = [], []
+    with torch.inference_mode():
+        for i in range(runs + 1):
+            elapsed = _timed(model, images)
+            apply_ats(model, blocks=BLOCKS, budget=budget)
+            elapsed_ats = _timed(model, images)
+            remove_ats(model)
+            if i:  # the first round warms up
+                dense.append(elapsed)
+                ats.append(elapsed_ats)
+    return images.shape[0] / statistics.median(dense), images.shape[0] / statistics.median(ats)
+
+
+def ats_ratio(model: torch.nn.Module, images: torch.Tensor, budget) -> tuple[float, torch.Tensor]:
+    """(mean ATS GMACs / dense GMACs over ``images``, mean kept tokens per block) at ``budget``."""
+    dense = count_gmacs(model, images[:1])
+    apply_ats(model, blocks=BLOCKS, budget=budget)
+    result = trace(model, images)
+    remove_ats(model)
+    return result.gmacs.mean().item() / dense, result.kept_tokens.float().mean(0)
+
+
+def bisect(ratio: Callable[[float], float], lo: float, hi: float, target: float, integer: bool, steps: int) -> float:
+    """The argument in [lo, hi] whose ratio is closest to ``target``; ``ratio`` increases with it."""
+    seen = {}
+    for _ in range(steps):
+        mid = (lo + hi) // 2 if integer else (lo + hi) / 2
+        if mid in seen or (integer and hi - lo <= 1):
+            break
+        seen[mid] = ratio(mid)
+        lo, hi = (mid, hi) if seen[mid] < target else (lo, mid)
+    return min(seen, key=lambda k: abs(seen[k] - target))
+
+
+def sharpened(name: str, scale: float) -> torch.nn.Module:
+    """timm's random ``name`` with every block's query and key projections scaled by ``scale``."""
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            dim = block.attn.qkv.weight.shape[1]
+            block.attn.qkv.weight[: 2 * dim] *= scale
+            if block.attn.qkv.bias is not None:
+                block.attn.qkv.bias[: 2 * dim] *= scale
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--runs", type=int, default=7, help="timed calls per setting (batch >= 16: half as many)")
+    parser.add_argument("--target", type=float, default=2.9 / 4.6, help="ATS / dense GMACs to aim for")
+    parser.add_argument("--scenarios", nargs="+", default=["fixed-K", "adaptive"], choices=["fixed-K", "adaptive"])
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    probe = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    print(f"{args.model}, ATS blocks {BLOCKS[0]}..{BLOCKS[-1]}, device {args.device}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
+
+    results = []
+    for scenario in args.scenarios:
+        if scenario == "fixed-K":
+            model = sharpened(args.model, 1.0)
+            k = bisect(lambda k, m=model: ats_ratio(m, probe[:1], int(k))[0], 1, model.patch_embed.num_patches,
+                       args.target, integer=True, steps=12)
+            budget, setting = int(k), f"stock weights, budget K={int(k)}"
+        else:
+            scale = bisect(lambda s: -ats_ratio(sharpened(args.model, s), probe[:2], None)[0], 1.0, 8.0,
+                           -args.target, integer=False, steps=7)
+            model, budget, setting = sharpened(args.model, scale), None, f"q,k scaled x{scale:.2f}, budget none"
+        dense_gmacs = count_gmacs(model, probe[:1])
+        ratio, kept = ats_ratio(model, probe, budget)
+        print(f"\n[{scenario}] {setting}: dense {dense_gmacs:.3f} GMACs, ATS {ratio * dense_gmacs:.3f} GMACs "
+              f"(ratio {ratio:.3f}); mean kept tokens per block {[round(v, 1) for v in kept.tolist()]}")
+        model.to(args.device)
+        for batch in args.batch_sizes:
+            images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(2)).to(args.device)
+            runs = args.runs if batch < 16 else max(1, (args.runs + 1) // 2)
+            dense, ats = throughput(model, images, runs, budget)
+            speedup, ideal = ats / dense, 1 / ratio
+            results.append(dict(scenario=scenario, setting=setting, batch=batch, dense_gmacs=dense_gmacs,
+                                ats_gmacs=ratio * dense_gmacs, dense_img_s=dense, ats_img_s=ats, speedup=speedup,
+                                gmacs_speedup=ideal, fraction_of_ideal=speedup / ideal))
+            print(f"  batch {batch:3d}: dense {dense:8.2f} img/s | ATS {ats:8.2f} img/s | speed-up {speedup:.2f}x "
+                  f"vs GMACs ratio {ideal:.2f}x -> {speedup / ideal:.2f} of it (goal >= 0.90)")
+
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
+            json.dump(dict(model=args.model, device=args.device, torch=torch.__version__,
+                           threads=torch.get_num_threads(), blocks=BLOCKS, results=results), f, indent=2)
+        os.replace(f.name, args.json)
+
+
+if __name__ == "__main__":
+    main()

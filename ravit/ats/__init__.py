@@ -1,0 +1,30 @@
+"""Adaptive Token Sampling (Fayyaz et al., "Adaptive Token Sampling For Efficient Vision Transformers", ECCV 2022,
+arXiv 2111.15667) as a parameter-free plug-in for timm ViTs.
+
+- :mod:`ravit.ats.sampling`: pure functions (class-attention scores, inverse transform sampling, top-K);
+- :mod:`ravit.ats.config`: placement and budget validation;
+- :mod:`ravit.ats.block`: a timm block on ragged tokens, kept queries only, on SDPA;
+- :mod:`ravit.ats.patch`: ``apply_ats`` / ``remove_ats``;
+- :mod:`ravit.ats.trace`: per-image kept tokens and GMACs.
+"""
+
+from ravit.ats.config import SAMPLERS, ATSConfig
+from ravit.ats.patch import SUPPORTED, UnsupportedModelError, apply_ats, has_ats, remove_ats
+from ravit.ats.sampling import class_attention_scores, inverse_transform_sampling, samples_per_image, topk_sampling
+from ravit.ats.trace import ATSTrace, trace
+
+__all__ = [
+    "ATSConfig",
+    "ATSTrace",
+    "SAMPLERS",
+    "SUPPORTED",
+    "UnsupportedModelError",
+    "apply_ats",
+    "class_attention_scores",
+    "has_ats",
+    "inverse_transform_sampling",
+    "remove_ats",
+    "samples_per_image",
+    "topk_sampling",
+    "trace",
+]

@@ -1,0 +1,183 @@
+"""A timm ViT block run on a ragged batch of tokens, optionally with Adaptive Token Sampling (Fayyaz et al., ECCV 2022,
+Sec. 3, "soft downsampling").
+
+The block's own children do the work (``norm1``, ``attn.qkv``, ``attn.q_norm``/``k_norm``, ``attn.norm``,
+``attn.gate``, ``attn.proj``, ``ls1``, ``drop_path1``, ``norm2``, ``mlp``, ``ls2``, ``drop_path2``); nothing is
+copied or re-registered. Tokens really leave the computation (``reference/ats.md`` §5):
+
+- token-wise layers (norms, qkv, proj, MLP) run on the *packed* tokens of the batch, (T, C) with T = the sum of the
+  images' token counts, so an image costs what it keeps, not the batch maximum;
+- the scores use the class token's attention row only, (B, H, 1, N);
+- attention runs on SDPA with the kept queries only against all keys of the block input (no N x N matrix is
+  materialised by us); a ragged batch runs image by image on CPU, padded with a key mask on other devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ravit.ats.sampling import class_attention_scores
+
+__all__ = ["Tokens", "block_forward", "pack", "unpack"]
+
+
+class Tokens(NamedTuple):
+    """Per-call token state between blocks (never stored on a module).
+
+    x: (T, C) the packed tokens, image after image, each image's prefix tokens first.
+    lengths: (B,) int64 token count of each image, prefix included.
+    ids: (B, L) int64 original patch index of each token (-1 for prefix tokens), padded to L = max(lengths).
+    """
+
+    x: torch.Tensor
+    lengths: torch.Tensor
+    ids: torch.Tensor
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(B, L) bool: which padded slots hold a token."""
+        return _valid(self.lengths, self.ids.shape[1])
+
+    @property
+    def slot_mask(self) -> torch.Tensor | None:
+        """``valid``, or None when every slot holds a token (then no masks or copies are needed)."""
+        return _slot_mask(self.lengths, self.ids.shape[1])
+
+
+def _valid(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.arange(width, device=lengths.device)[None] < lengths[:, None]  # (B, width)
+
+
+def _slot_mask(lengths: torch.Tensor, width: int) -> torch.Tensor | None:
+    return _valid(lengths, width) if bool((lengths != width).any()) else None
+
+
+def pack(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """(B, L, C) -> (T, C), keeping the ``valid`` slots; ``None`` means all slots (a free view)."""
+    return x.reshape(-1, x.shape[-1]) if valid is None else x[valid]
+
+
+def unpack(x: torch.Tensor, valid: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
+    """(T, C) -> (B, L, C) with zeros in the empty slots; ``None`` means every slot is filled (a free view)."""
+    if valid is None:
+        return x.reshape(*shape, x.shape[-1])
+    out = x.new_zeros(*shape, x.shape[-1])
+    out[valid] = x
+    return out
+
+
+def _per_sample(module: nn.Module, y: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Apply a per-sample module (DropPath) to packed rows: it draws one multiplier per image, not per token."""
+    if isinstance(module, nn.Identity) or not module.training:
+        return module(y)
+    scale = module(y.new_ones(lengths.shape[0], 1))  # (B, 1): 0 or 1/keep_prob per image
+    return y * torch.repeat_interleave(scale, lengths, dim=0)  # (T', 1)
+
+
+Selector = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, lengths: torch.Tensor, width: int):
+    """(B, width) class-attention scores of packed (T, H, D) q, k, v; 0 past each image's length."""
+    B = lengths.shape[0]
+    H, D = k.shape[1:]
+    if bool((lengths == width).all()):  # one batched call
+        q, k, v = (t.view(B, width, H, D).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+        return class_attention_scores(q[:, :, 0], k, v, scale)
+    scores = q.new_zeros(B, width, dtype=torch.float32)
+    start = 0
+    for b, n in enumerate(lengths.tolist()):  # ragged: each image on its own, exactly as if it were alone
+        kb, vb = (t[start : start + n].transpose(0, 1)[None] for t in (k, v))  # (1, H, n, D)
+        scores[b, :n] = class_attention_scores(q[start][None], kb, vb, scale)[0]
+        start += n
+    return scores
+
+
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lengths: torch.Tensor, kv_lengths: torch.Tensor,
+    dropout_p: float, padded: bool | None = None,
+) -> torch.Tensor:
+    """SDPA of each image's queries against its own keys, on packed tensors: (T_q, H, D) -> (T_q, H * D).
+
+    Images of equal lengths run as one batch. Ragged batches run image by image on CPU (no padding, no mask: an
+    image costs exactly what it keeps), and padded to the batch maximum with a key mask elsewhere (``padded``
+    forces one or the other), where one kernel launch per image would cost more than the padding.
+    """
+    B = q_lengths.shape[0]
+    H, D = q.shape[1:]
+    lq, lk = int(q_lengths.max()), int(kv_lengths.max())
+    if bool((q_lengths == lq).all()) and bool((kv_lengths == lk).all()):
+        qb, kb, vb = q.view(B, lq, H, D), k.view(B, lk, H, D), v.view(B, lk, H, D)
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (qb, kb, vb)), dropout_p=dropout_p)
+        return out.transpose(1, 2).reshape(B * lq, H * D)  # (T_q, A)
+    if padded is None:
+        padded = q.device.type != "cpu"
+    if padded:
+        q_valid, kv_valid = _valid(q_lengths, lq), _valid(kv_lengths, lk)
+        qb = unpack(q.flatten(1), q_valid, (B, lq)).view(B, lq, H, D)
+        kb, vb = (unpack(t.flatten(1), kv_valid, (B, lk)).view(B, lk, H, D) for t in (k, v))
+        out = F.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (qb, kb, vb)), attn_mask=kv_valid[:, None, None, :], dropout_p=dropout_p
+        )  # (B, H, Lq, D)
+        return pack(out.transpose(1, 2).reshape(B, lq, H * D), q_valid)
+    outs, q_start, kv_start = [], 0, 0
+    for nq, nk in zip(q_lengths.tolist(), kv_lengths.tolist(), strict=True):
+        qb = q[q_start : q_start + nq].transpose(0, 1)[None]  # (1, H, nq, D)
+        kb, vb = (t[kv_start : kv_start + nk].transpose(0, 1)[None] for t in (k, v))  # (1, H, nk, D)
+        outs.append(F.scaled_dot_product_attention(qb, kb, vb, dropout_p=dropout_p)[0].transpose(0, 1))
+        q_start, kv_start = q_start + nq, kv_start + nk
+    return torch.cat(outs).flatten(1)  # (T_q, A)
+
+
+def block_forward(block: nn.Module, tokens: Tokens, num_prefix: int, select: Selector | None = None) -> Tokens:
+    """One pre-norm timm ``Block`` on ragged tokens; with ``select``, an ATS block.
+
+    Args:
+        block: a ``timm.models.vision_transformer.Block`` with ``timm.layers.Attention``.
+        tokens: the input tokens.
+        num_prefix: number of prefix tokens (class, distillation, register) at the front of each image; the class
+            token is the first.
+        select: ``select(scores, valid) -> keep``, all (B, L - num_prefix) over the patch tokens; None keeps all.
+
+    Returns:
+        The output tokens: prefix tokens and the kept tokens, in their input order.
+    """
+    attn = block.attn
+    B, L = tokens.ids.shape
+    H, D = attn.num_heads, attn.head_dim
+
+    h = block.norm1(tokens.x)  # (T, C)
+    q, k, v = attn.qkv(h).unflatten(-1, (3, H, D)).unbind(1)  # (T, H, D) each
+    q, k = attn.q_norm(q), attn.k_norm(k)
+
+    if select is None:
+        lengths, ids, rows = tokens.lengths, tokens.ids, None
+    else:
+        valid = tokens.valid  # (B, L)
+        with torch.no_grad():  # scores only steer discrete choices: no gradient flows through them
+            scores = _scores(q, k, v, attn.scale, tokens.lengths, L)  # (B, L)
+            keep = select(scores[:, num_prefix:], valid[:, num_prefix:])  # (B, L - P)
+        keep = torch.cat([valid[:, :num_prefix], keep & valid[:, num_prefix:]], dim=1)  # (B, L)
+        lengths = keep.sum(dim=1)  # (B,)
+        width = int(lengths.max())
+        slots = torch.sort((~keep).to(torch.uint8), dim=1, stable=True)[1][:, :width]  # (B, L'): kept first, in order
+        ids = tokens.ids.gather(1, slots)
+        starts = torch.cumsum(tokens.lengths, 0) - tokens.lengths  # (B,) first packed row of each image
+        rows = (starts[:, None] + slots)[_valid(lengths, width)]  # (T',) packed rows of the kept tokens
+
+    dropout_p = attn.attn_drop.p if attn.training else 0.0
+    o = _attention(q if rows is None else q[rows], k, v, lengths, tokens.lengths, dropout_p)  # (T', A)
+    o = attn.norm(o)
+    x = tokens.x if rows is None else tokens.x[rows]  # (T', C) residual: the kept tokens' block input
+    if attn.gate is not None:
+        o = o * attn.gate(h if rows is None else h[rows]).sigmoid()
+    o = attn.proj_drop(attn.proj(o))
+
+    x = x + _per_sample(block.drop_path1, block.ls1(o), lengths)
+    x = x + _per_sample(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), lengths)
+    return Tokens(x, lengths, ids)

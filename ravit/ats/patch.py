@@ -1,0 +1,160 @@
+"""``apply_ats`` / ``remove_ats``: Adaptive Token Sampling (Fayyaz et al., ECCV 2022) plugged into a timm ViT.
+
+The model's class is swapped for a subclass whose ``forward_features`` runs the blocks on ragged tokens
+(:mod:`ravit.ats.block`); blocks, parameters and buffers are untouched, so ``state_dict`` keys stay the same and
+weights load before or after patching. The settings live in ``model.ats_config`` (a frozen dataclass, not a
+parameter); per-call token state lives in local variables only.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+
+import torch
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ravit.ats.block import Tokens, block_forward, unpack
+from ravit.ats.config import ATSConfig, Budget, Sampler
+from ravit.ats.sampling import samples_per_image
+
+__all__ = ["apply_ats", "remove_ats", "has_ats", "ats_forward_features", "UnsupportedModelError"]
+
+SUPPORTED = (
+    "ATS supports timm VisionTransformer models with a class token read by the head (global_pool='token'): ViT, "
+    "DeiT, DeiT distilled, ViTs with register tokens, built from timm's pre-norm Block and Attention"
+)
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot take ATS; the message says what is supported."""
+
+
+def has_ats(model: nn.Module) -> bool:
+    """True when ``apply_ats`` has patched ``model``."""
+    return isinstance(getattr(model, "ats_config", None), ATSConfig)
+
+
+def _check_host(model: nn.Module) -> None:
+    if has_ats(model):
+        raise ValueError("ATS is already applied to this model; call ravit.remove_ats(model) first to change it")
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(f"{SUPPORTED}; got {type(model).__name__}")
+    if model.cls_token is None:
+        raise UnsupportedModelError(
+            f"{SUPPORTED}; this model has no class token (a global-pool ViT), and ATS scores tokens by the class "
+            f"token's attention"
+        )
+    if model.global_pool != "token" or model.attn_pool is not None:
+        raise UnsupportedModelError(f"{SUPPORTED}; this model pools with {model.global_pool!r}")
+
+
+def _check_blocks(model: VisionTransformer, first: int) -> None:
+    """Blocks from the first ATS block on run through :func:`block_forward`, which knows timm's Block only."""
+    for i, block in enumerate(model.blocks):
+        if i >= first and (type(block) is not Block or type(block.attn) is not Attention):
+            raise UnsupportedModelError(
+                f"{SUPPORTED}; block {i} is {type(block).__name__} with {type(getattr(block, 'attn', None)).__name__}"
+            )
+
+
+class _ATSModel:
+    """Methods that replace the host ViT's while ATS is applied (mixed in front of the host class)."""
+
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        if attn_mask is not None or is_causal:
+            raise ValueError("attn_mask / is_causal are not supported with ATS (tokens are dropped per image)")
+        return ats_forward_features(self, x)[0]
+
+    def forward_intermediates(self, *args, **kwargs):
+        raise NotImplementedError(
+            "forward_intermediates is not available while ATS is applied (token counts differ per image); "
+            "use ravit.ats.trace(model, images) or ravit.remove_ats(model)"
+        )
+
+
+@functools.cache
+def _ats_class(host: type) -> type:
+    return type(f"ATS{host.__name__}", (_ATSModel, host), {"_ats_host": host})
+
+
+def _select(scores: torch.Tensor, valid: torch.Tensor, sampler: Sampler, budget: Budget, n_ref: int) -> torch.Tensor:
+    return sampler(scores, valid, samples_per_image(budget, valid.sum(dim=1), n_ref))
+
+
+def ats_forward_features(
+    model: VisionTransformer, images: torch.Tensor, record: list[Tokens] | None = None
+) -> tuple[torch.Tensor, Tokens]:
+    """``forward_features`` of an ATS model: (B, L, C) tokens, zero past each image's count, and the final tokens.
+
+    Args:
+        model: a model patched by :func:`apply_ats`.
+        images: (B, C, H, W).
+        record: if given, the tokens leaving each ATS block are appended to it (used by ``trace``).
+    """
+    cfg: ATSConfig = model.ats_config
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))  # (B, N, C)
+    B, N, C = x.shape
+    P = model.num_prefix_tokens
+    use_checkpoint = model.grad_checkpointing and torch.is_grad_enabled()
+    for block in model.blocks[: cfg.blocks[0]]:  # dense blocks before the first ATS block: the host's own forward
+        x = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
+
+    ids = torch.cat([torch.full((P,), -1), torch.arange(N - P)]).to(images.device).expand(B, N)  # (B, N)
+    tokens = Tokens(x.reshape(B * N, C), torch.full((B,), N, device=images.device), ids)
+    budgets = dict(zip(cfg.blocks, cfg.budgets, strict=True))
+    sampler = cfg.sampler_fn()
+    for i in range(cfg.blocks[0], len(model.blocks)):
+        select = None
+        if i in budgets:
+            select = functools.partial(_select, sampler=sampler, budget=budgets[i], n_ref=N - P)
+        if use_checkpoint:
+            tokens = checkpoint(block_forward, model.blocks[i], tokens, P, select, use_reentrant=False)
+        else:
+            tokens = block_forward(model.blocks[i], tokens, P, select)
+        if record is not None and select is not None:
+            record.append(tokens)
+    x = unpack(model.norm(tokens.x), tokens.slot_mask, tuple(tokens.ids.shape))  # (B, L, C)
+    return x, tokens
+
+
+def apply_ats(
+    model: nn.Module,
+    blocks: Iterable[int] = range(3, 12),
+    budget: Budget | Sequence[Budget] = None,
+    sampler: str | Sampler = "inverse_transform",
+) -> nn.Module:
+    """Patch a timm ViT in place with Adaptive Token Sampling and return it.
+
+    Args:
+        model: a timm ``VisionTransformer`` with a class token (see ``SUPPORTED``).
+        blocks: indices of the blocks that sample tokens (0-based; the paper's DeiT-S uses 3..11, Sec. 4).
+        budget: K per ATS block: None (the released default, "all tokens": K = the original patch count), an int
+            count of patch tokens, a ratio in (0, 1] of the patch tokens entering the block, or one per block.
+            Prefix tokens (class, distillation, register) are always kept on top of K.
+        sampler: "inverse_transform" (the paper's, Sec. 3.2), "topk" (its ablation baseline), or a callable
+            ``(scores, valid, n_samples) -> keep`` with the shapes of :func:`ravit.ats.inverse_transform_sampling`.
+
+    Returns:
+        ``model``, whose forward returns what it returned before (logits), computed on the kept tokens.
+    """
+    _check_host(model)
+    config = ATSConfig.build(
+        blocks, budget, sampler, depth=len(model.blocks), num_patches=model.patch_embed.num_patches
+    )
+    _check_blocks(model, config.blocks[0])
+    model.__class__ = _ats_class(type(model))
+    model.ats_config = config
+    return model
+
+
+def remove_ats(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_ats`: the original class back, the settings dropped; returns ``model``."""
+    if not has_ats(model):
+        raise ValueError("this model has no ATS applied (nothing to remove)")
+    model.__class__ = model._ats_host
+    del model.ats_config
+    return model

@@ -1,0 +1,145 @@
+"""Pure token-sampling functions of Adaptive Token Sampling (Fayyaz et al., ECCV 2022, arXiv 2111.15667, Sec. 3).
+
+Everything here works on padded batches: row ``b`` of a ``(B, N)`` tensor holds image ``b``'s candidate (patch)
+tokens, ``valid`` marks which entries are real. Each row is computed on its own, so an image's result never depends
+on the other rows (the released code's does, ``reference/ats.md`` §1.3).
+
+Default selection (:func:`inverse_transform_sampling`) follows the released code run on one image (DESIGN.md
+decision 5), quirks included: scores sorted ascending before the cumulative sum, the CDF min-max normalised, the
+y-grid starting at the smallest *positive* normalised CDF value (so the lowest-scoring token is never kept), the
+nearest CDF value picked (first index on ties), duplicates merged. The budget is the paper's: ``K`` points on the
+y-axis, ``K' <= K`` unique tokens kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["class_attention_scores", "inverse_transform_sampling", "topk_sampling", "samples_per_image"]
+
+
+def class_attention_scores(
+    q_cls: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, key_valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Significance score of every token: class-token attention summed over heads times the value norm (Eq. 3).
+
+    Only the class token's attention row is computed, O(N) per head, never the N x N matrix.
+    As in the released code the norm is taken over the concatenated heads (all channels), not per head.
+
+    Args:
+        q_cls: class-token queries, (B, H, D).
+        k: keys, (B, H, N, D).
+        v: values, (B, H, N, D).
+        scale: attention scale (1/sqrt(D) for timm attention).
+        key_valid: (B, N) bool, False for padding keys; None when nothing is padded.
+
+    Returns:
+        (B, N) non-negative scores for all N tokens, prefix tokens included, 0 for padding.
+    """
+    B, H, N, D = k.shape
+    logits = (q_cls.unsqueeze(2) @ k.transpose(-2, -1)).squeeze(2) * scale  # (B, H, N)
+    if key_valid is not None:
+        logits = logits.masked_fill(~key_valid[:, None, :], float("-inf"))
+    attn = logits.float().softmax(dim=-1).sum(dim=1)  # (B, N)
+    v_norm = torch.linalg.vector_norm(v.transpose(1, 2).reshape(B, N, H * D).float(), dim=-1)  # (B, N)
+    return attn * v_norm
+
+
+def samples_per_image(budget: int | float | None, n_valid: torch.Tensor, n_ref: int) -> torch.Tensor:
+    """Number of y-axis samples K for each image at one ATS block.
+
+    Args:
+        budget: None -> ``n_ref`` at every block (the released default, "all tokens": its y-grid always has one
+            point per original patch token); int -> that count; float in (0, 1] -> that fraction of the image's
+            patch tokens entering this block, rounded, at least 1.
+        n_valid: (B,) number of candidate tokens of each image.
+        n_ref: the original patch-token count of the model input.
+
+    Returns:
+        (B,) int64 sample counts, >= 1.
+    """
+    if budget is None:
+        return torch.full_like(n_valid, n_ref)
+    if isinstance(budget, float):
+        return torch.round(n_valid.double() * budget).long().clamp(min=1)
+    return torch.full_like(n_valid, int(budget))
+
+
+def _unit_grid(n_samples: torch.Tensor, width: int) -> torch.Tensor:
+    """Row b: ``torch.linspace(0, 1, n_samples[b])`` bit for bit (then zeros), for a different count per row.
+
+    Written out because linspace takes one count; this reproduces its arithmetic (float32 step, symmetric fill from
+    both ends, evaluated in float64) so one image gets the released code's grid whether or not it shares a batch.
+    """
+    steps = n_samples.clamp(min=2)[:, None]  # (B, 1)
+    step = (1.0 / (steps - 1).float()).double()  # (B, 1) float32 step, as linspace computes it
+    i = torch.arange(width, device=n_samples.device, dtype=torch.float64)[None]  # (1, W)
+    grid = torch.where(i < steps // 2, i * step, 1.0 - step * (steps - 1 - i))
+    return grid.float()  # (B, W)
+
+
+def inverse_transform_sampling(
+    scores: torch.Tensor, valid: torch.Tensor, n_samples: torch.Tensor
+) -> torch.Tensor:
+    """Inverse transform sampling of tokens from their significance scores (Sec. 3.2, Fig. 2).
+
+    Args:
+        scores: (B, N) non-negative scores of the candidate tokens (any value where ``valid`` is False).
+        valid: (B, N) bool, the real candidates of each row.
+        n_samples: (B,) int, K: number of points sampled on the y-axis (>= 1).
+
+    Returns:
+        (B, N) bool: the kept tokens, a subset of ``valid``; K' = row sum <= min(K, number valid).
+
+    Rows whose valid scores are all zero are sampled as if uniform (the released code divides by zero there).
+    K = 1 samples y = 1, the top token (linspace would put its single point at the grid start).
+    """
+    B, N = scores.shape
+    n_valid = valid.sum(dim=1)  # (B,)
+    scores = scores.float().masked_fill(~valid, 0.0)
+    total = scores.sum(dim=1, keepdim=True)  # (B, 1)
+    degenerate = total <= 0
+    scores = torch.where(degenerate, valid.float(), scores)
+    total = torch.where(degenerate, n_valid[:, None].float().clamp(min=1), total)
+    scores = scores / total
+
+    # Sort ascending, padding last; stable so equal scores keep their token order.
+    sorted_scores, order = torch.sort(scores.masked_fill(~valid, float("inf")), dim=1, stable=True)  # (B, N)
+    sorted_valid = torch.arange(N, device=scores.device)[None] < n_valid[:, None]  # (B, N)
+    cdf = torch.cumsum(sorted_scores.masked_fill(~sorted_valid, 0.0), dim=1)  # (B, N)
+    lo = cdf[:, :1]
+    hi = cdf.gather(1, (n_valid - 1).clamp(min=0)[:, None])
+    ncdf = (cdf - lo) / (hi - lo)  # (B, N) in [0, 1]; NaN only for rows with < 2 valid tokens, handled below
+
+    # y-grid: K points from the smallest positive CDF value to 1 (the released code's create_ys).
+    ys_start = torch.where(ncdf == 0, 1e8, ncdf).masked_fill(~sorted_valid, 1e8).amin(dim=1, keepdim=True)  # (B, 1)
+    width = int(n_samples.max())
+    k_minus_1 = (n_samples.clamp(min=2) - 1).float()[:, None]  # (B, 1)
+    steps = torch.arange(width, device=scores.device, dtype=torch.float32)[None]  # (1, W)
+    ys = ys_start + (_unit_grid(n_samples, width) * k_minus_1 - ys_start * steps) / k_minus_1  # (B, W)
+    ys = torch.where(n_samples[:, None] == 1, 1.0, ys)
+    grid_valid = steps < n_samples[:, None]  # (B, W)
+
+    # Nearest normalised-CDF value for each y (first index on ties), as an argmin over |y - cdf|.
+    ncdf = ncdf.masked_fill(~sorted_valid, float("inf"))
+    picks = (ys[:, :, None] - ncdf[:, None, :]).abs().argmin(dim=2)  # (B, W)
+    picks = torch.where(grid_valid, picks, N)  # unused grid points go to a spare column
+
+    kept_sorted = torch.zeros(B, N + 1, dtype=torch.bool, device=scores.device)
+    kept_sorted.scatter_(1, picks, True)  # duplicates merge here: K' <= K
+    kept_sorted = kept_sorted[:, :N] & sorted_valid
+    kept_sorted |= (n_valid == 1)[:, None] & sorted_valid  # a single candidate is kept
+    kept = torch.zeros_like(kept_sorted).scatter_(1, order, kept_sorted)
+    return kept & valid
+
+
+def topk_sampling(scores: torch.Tensor, valid: torch.Tensor, n_samples: torch.Tensor) -> torch.Tensor:
+    """Keep the K highest-scoring tokens of each row (the paper's Top-K baseline, Sec. 4.2 ablation).
+
+    Same arguments and result as :func:`inverse_transform_sampling`; ties go to the earlier token.
+    """
+    B, N = scores.shape
+    order = torch.sort(scores.float().masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True)[1]
+    n_keep = torch.minimum(n_samples, valid.sum(dim=1))  # (B,)
+    kept_sorted = torch.arange(N, device=scores.device)[None] < n_keep[:, None]  # (B, N)
+    return torch.zeros_like(kept_sorted).scatter_(1, order, kept_sorted) & valid
