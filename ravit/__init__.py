@@ -8,9 +8,11 @@
 __version__ = "0.1.0"
 
 from . import models  # noqa: E402,F401  (registers the FAN families in timm)
+from . import robustness as robustness  # noqa: E402  (ravit.robustness.corrupt, evaluation, metrics)
 from ._factory import create_model as create_model  # noqa: E402
 from ._factory import list_models as list_models  # noqa: E402
 from .ats import apply_ats as apply_ats  # noqa: E402
 from .ats import remove_ats as remove_ats  # noqa: E402
 from .checkpoint import load_checkpoint as load_checkpoint  # noqa: E402
 from .checkpoint import save_checkpoint as save_checkpoint  # noqa: E402
+from .robustness import corrupt as corrupt  # noqa: E402

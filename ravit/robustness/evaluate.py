@@ -1,0 +1,434 @@
+"""Robustness evaluation of any classifier: on-the-fly corruptions of any dataset, an ImageNet-C folder,
+ImageNet-A / -R (200-class logit masks) and ImageNet-Sketch.
+
+Protocol (FAN ``validate_ood.py``; Hendrycks & Dietterich, ICLR 2019): images are resized and centre-cropped to
+the model's input size (its timm data config), corrupted in [0, 1] pixel space, then normalised with the model's
+mean / std. Under ``torchrun`` each rank scores a disjoint shard and the correct / total counts are summed once at
+the end; only rank 0 should write results.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from ravit.robustness.benchmarks import check_classes, class_mask, imagenet_c_folder, list_classes
+from ravit.robustness.metrics import summarize
+from ravit.robustness.registry import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS, SEVERITIES, check_corruption, corrupt
+
+__all__ = [
+    "RobustnessResult",
+    "ModelInput",
+    "image_dataset",
+    "evaluate_corruptions",
+    "evaluate_imagenet_c",
+    "evaluate_folder",
+    "write_atomic",
+]
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What the model expects: input size, channels, normalisation and the resize before the centre crop."""
+
+    size: tuple[int, int]
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float = 1.0
+    interpolation: str = "bicubic"
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> ModelInput:
+        from timm.data import resolve_data_config
+
+        # The pretrained config can disagree with the model actually built (img_size / in_chans overrides), so
+        # channels come from the first convolution and the size from the patch embedding when there is one.
+        cfg = resolve_data_config({}, model=model)
+        c, h, w = cfg["input_size"]
+        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        c = conv.in_channels if conv is not None else c
+        size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        h, w = (size, size) if isinstance(size, int) else tuple(size) if size is not None else (h, w)
+        mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
+        if len(mean) != c:
+            mean, std = (sum(mean) / len(mean),) * c, (sum(std) / len(std),) * c
+        return cls((h, w), c, mean, std, cfg.get("crop_pct", 1.0), cfg["interpolation"])
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images (B, 1 or 3, H, W) -> normalised model input with ``in_chans`` channels."""
+        if images.shape[1] != self.in_chans:
+            if self.in_chans == 3:
+                images = images.expand(-1, 3, -1, -1)
+            else:
+                w = torch.tensor([0.299, 0.587, 0.114], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+                images = (images * w).sum(1, keepdim=True)
+        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        return (images - mean) / std
+
+
+class _FashionMNIST(Dataset):
+    """Fashion-MNIST as (1, H, W) float in [0, 1] at the model's size (bilinear when it differs from 28)."""
+
+    def __init__(self, split: str, data_dir: str | None, size: tuple[int, int]):
+        from ravit.data import CLASSES, load_fashion_mnist
+
+        self.images, self.labels = load_fashion_mnist(split, data_dir)
+        self.classes = list(CLASSES)
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        x = self.images[i].float().div(255)[None]  # (1, 28, 28)
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x[None], size=self.size, mode="bilinear", align_corners=False)[0].clamp(0, 1)
+        return x, int(self.labels[i])
+
+
+def _folder(root: str | Path, spec: ModelInput) -> Dataset:
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    interp = transforms.InterpolationMode(spec.interpolation if spec.interpolation != "random" else "bicubic")
+    resize = tuple(int(s / spec.crop_pct) for s in spec.size)
+    tf = transforms.Compose(
+        [
+            transforms.Resize(resize if spec.size[0] != spec.size[1] else resize[0], interpolation=interp),
+            transforms.CenterCrop(spec.size),
+            transforms.ToTensor(),
+        ]
+    )
+    return ImageFolder(str(root), transform=tf)
+
+
+def image_dataset(data: str, spec: ModelInput, split: str = "test", data_dir: str | None = None) -> Dataset:
+    """``'fashion-mnist'`` or an ImageFolder path, as (C, H, W) float in [0, 1] at the model's input size.
+
+    The dataset has a ``classes`` attribute (sorted class folder names for an ImageFolder)."""
+    if data == "fashion-mnist":
+        return _FashionMNIST(split, data_dir, spec.size)
+    list_classes(data)
+    return _folder(data, spec)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shard(dataset: Dataset, limit: int | None) -> Dataset:
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    rank, world = _rank_world()
+    return Subset(dataset, range(rank, n, world))
+
+
+def _gather(counts: torch.Tensor) -> torch.Tensor:
+    """Sum (correct, total) counts over ranks: one collective for the whole evaluation."""
+    if _rank_world()[1] > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        counts = counts.to(device)
+        dist.all_reduce(counts)
+    return counts.cpu()
+
+
+def _seed(*parts: object) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+@dataclass
+class RobustnessResult:
+    """Counts and accuracies of one robustness evaluation; ``summary()`` adds mCE, means and retention."""
+
+    model: str
+    benchmark: str
+    clean: tuple[int, int] | None = None  # (correct, total)
+    counts: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
+    meta: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def clean_accuracy(self) -> float | None:
+        return self.clean[0] / self.clean[1] if self.clean and self.clean[1] else None
+
+    @property
+    def accuracy(self) -> dict[str, dict[int, float]]:
+        return {c: {s: k / n for s, (k, n) in sev.items()} for c, sev in self.counts.items()}
+
+    def summary(self) -> dict[str, object]:
+        if not self.counts:
+            return {"accuracy": self.clean_accuracy}
+        return summarize(self.accuracy, self.clean_accuracy)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "model": self.model,
+            "benchmark": self.benchmark,
+            "meta": self.meta,
+            "clean": None if self.clean is None else {"correct": self.clean[0], "total": self.clean[1]},
+            "accuracy": {c: {str(s): a for s, a in sev.items()} for c, sev in self.accuracy.items()},
+            "counts": {c: {str(s): list(k) for s, k in sev.items()} for c, sev in self.counts.items()},
+            "summary": _jsonable(self.summary()),
+        }
+
+    def rows(self) -> list[dict[str, object]]:
+        clean = self.clean_accuracy
+        rows = []
+        if self.clean is not None:
+            rows.append({"corruption": "clean", "severity": 0, "accuracy": clean, "correct": self.clean[0],
+                         "total": self.clean[1], "retention": 1.0 if clean else None})
+        for c, sev in self.counts.items():
+            for s, (k, n) in sorted(sev.items()):
+                rows.append({"corruption": c, "severity": s, "accuracy": k / n, "correct": k, "total": n,
+                             "retention": (k / n) / clean if clean else None})
+        return rows
+
+    def save(self, out_dir: str | os.PathLike, plots: bool = True) -> list[Path]:
+        """Write ``robustness.json``, ``robustness.csv`` and (with corruptions) two PNG plots; returns the paths."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [out / "robustness.json", out / "robustness.csv"]
+        write_atomic(paths[0], json.dumps(self.to_dict(), indent=2).encode())
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, ["corruption", "severity", "accuracy", "correct", "total", "retention"])
+        writer.writeheader()
+        writer.writerows(self.rows())
+        write_atomic(paths[1], buf.getvalue().encode())
+        if plots and self.counts:
+            paths += _plot(self, out)
+        return paths
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename: never a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _plot(result: RobustnessResult, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc, clean = result.accuracy, result.clean_accuracy
+    paths = []
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    colors = plt.get_cmap("tab20").colors
+    for i, (c, sev) in enumerate(acc.items()):
+        xs = sorted(sev)
+        ys = [100 * sev[s] for s in xs]
+        if clean is not None:
+            xs, ys = [0, *xs], [100 * clean, *ys]
+        style = "-" if c in BENCHMARK_CORRUPTIONS else "--"  # dashed: the 4 extra corruptions
+        ax.plot(xs, ys, style, marker="o", color=colors[i % len(colors)], label=c)
+    ax.set_xlabel("severity (0 = clean)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"{result.model}: accuracy vs corruption severity ({result.benchmark})")
+    ax.set_xticks(range(0, 6))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    paths.append(_save_fig(fig, out / "accuracy_vs_severity.png"))
+    fig, ax = plt.subplots(figsize=(10, 5))
+    names = list(acc)
+    means = [100 * sum(acc[c].values()) / len(acc[c]) for c in names]
+    ax.bar(range(len(names)), means, color="tab:blue")
+    if clean is not None:
+        ax.axhline(100 * clean, color="tab:red", linestyle="--", label=f"clean {100 * clean:.1f}%")
+        ax.legend()
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("top-1 accuracy, mean over severities (%)")
+    ax.set_xlabel("corruption")
+    ax.set_title(f"{result.model}: accuracy per corruption ({result.benchmark})")
+    fig.tight_layout()
+    paths.append(_save_fig(fig, out / "accuracy_by_corruption.png"))
+    return paths
+
+
+def _save_fig(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+    return path
+
+
+def _loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+@torch.inference_mode()
+def _predict(model: nn.Module, spec: ModelInput, images: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    logits = model(spec.normalize(images))
+    if mask is not None:
+        logits = logits[:, mask.to(logits.device)]
+    return logits.argmax(-1)
+
+
+def _num_classes(model: nn.Module) -> int:
+    n = getattr(model, "num_classes", None)
+    if n is None:
+        raise ValueError("the model has no num_classes attribute; cannot check the dataset's classes")
+    return int(n)
+
+
+def _conditions(corruptions: Iterable[str] | None, severities: Iterable[int] | None) -> list[tuple[str, int]]:
+    names = list(corruptions) if corruptions else list(ALL_CORRUPTIONS)
+    sevs = list(severities) if severities else list(SEVERITIES)
+    for c in names:
+        for s in sevs:
+            check_corruption(c, s)
+    return [(c, s) for c in names for s in sevs]
+
+
+def evaluate_corruptions(
+    model: nn.Module,
+    dataset: Dataset,
+    corruptions: Sequence[str] | None = None,
+    severities: Sequence[int] | None = None,
+    *,
+    name: str = "model",
+    batch_size: int = 64,
+    seed: int = 0,
+    limit: int | None = None,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+    progress: bool = True,
+) -> RobustnessResult:
+    """Clean accuracy and accuracy under each (corruption, severity), corrupting ``dataset`` on the fly.
+
+    ``dataset`` yields ((C, H, W) float in [0, 1], label) at the model's input size (see ``image_dataset``). The
+    corruption of each batch is seeded from (seed, rank, batch, corruption, severity), so a run is reproducible.
+    """
+    conds = _conditions(corruptions, severities)
+    spec = ModelInput.from_model(model)
+    classes = getattr(dataset, "classes", None)
+    if classes is not None:
+        check_classes(list(classes), _num_classes(model))
+    rank, _ = _rank_world()
+    model = model.to(device).eval()
+    counts = torch.zeros(len(conds) + 1, 2, dtype=torch.long)  # row 0: clean
+    loader = _loader(_shard(dataset, limit), batch_size, workers)
+    for b, (images, labels) in enumerate(tqdm(loader, desc="robustness", disable=not progress or rank != 0)):
+        images, labels = images.to(device), labels.to(device)
+        counts[0] += torch.tensor([int((_predict(model, spec, images, None) == labels).sum()), len(labels)])
+        for i, (c, s) in enumerate(conds, start=1):
+            gen = torch.Generator(device=images.device).manual_seed(_seed(seed, rank, b, c, s))
+            pred = _predict(model, spec, corrupt(images, c, s, gen), None)
+            counts[i] += torch.tensor([int((pred == labels).sum()), len(labels)])
+    counts = _gather(counts)
+    result = RobustnessResult(name, "corrupt", (int(counts[0, 0]), int(counts[0, 1])))
+    for (c, s), (k, n) in zip(conds, counts[1:].tolist(), strict=True):
+        result.counts.setdefault(c, {})[s] = (k, n)
+    result.meta.update(seed=seed, limit=limit, input=list(spec.size), in_chans=spec.in_chans)
+    return result
+
+
+def _score_folder(
+    model: nn.Module, dataset: Dataset, spec: ModelInput, mask: torch.Tensor | None, batch_size: int, limit: int | None,
+    device, workers: int, desc: str, progress: bool,
+) -> torch.Tensor:
+    correct = total = 0
+    rank, _ = _rank_world()
+    for images, labels in tqdm(_loader(_shard(dataset, limit), batch_size, workers), desc=desc,
+                               disable=not progress or rank != 0, leave=False):
+        images, labels = images.to(device), labels.to(device)
+        correct += int((_predict(model, spec, images, mask) == labels).sum())
+        total += len(labels)
+    return torch.tensor([correct, total])
+
+
+def evaluate_imagenet_c(
+    model: nn.Module,
+    root: str | os.PathLike,
+    corruptions: Sequence[str] | None = None,
+    severities: Sequence[int] | None = None,
+    *,
+    clean_root: str | os.PathLike | None = None,
+    name: str = "model",
+    batch_size: int = 64,
+    limit: int | None = None,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+    progress: bool = True,
+) -> RobustnessResult:
+    """Accuracy on ``<root>/<corruption>/<severity>/`` ImageFolders (all 19 x 5 by default), plus clean accuracy on
+    ``clean_root`` if given. Every folder is checked before any is scored, so a missing one fails fast."""
+    conds = _conditions(corruptions, severities)
+    folders = [imagenet_c_folder(root, c, s) for c, s in conds]
+    spec = ModelInput.from_model(model)
+    n_cls = _num_classes(model)
+    for folder in folders:
+        check_classes(list_classes(folder), n_cls)
+    model = model.to(device).eval()
+    counts = torch.zeros(len(conds) + 1, 2, dtype=torch.long)
+    if clean_root is not None:
+        check_classes(list_classes(clean_root), n_cls)
+        counts[0] = _score_folder(model, _folder(clean_root, spec), spec, None, batch_size, limit, device, workers,
+                                  "clean", progress)
+    rank, _ = _rank_world()
+    for i, ((c, s), folder) in enumerate(tqdm(list(zip(conds, folders, strict=True)), desc="imagenet-c",
+                                              disable=not progress or rank != 0), start=1):
+        counts[i] = _score_folder(model, _folder(folder, spec), spec, None, batch_size, limit, device, workers,
+                                  f"{c}/{s}", progress)
+    counts = _gather(counts)
+    clean = (int(counts[0, 0]), int(counts[0, 1])) if clean_root is not None else None
+    result = RobustnessResult(name, "imagenet-c", clean)
+    for (c, s), (k, n) in zip(conds, counts[1:].tolist(), strict=True):
+        result.counts.setdefault(c, {})[s] = (k, n)
+    result.meta.update(root=str(root), clean_root=None if clean_root is None else str(clean_root), limit=limit)
+    return result
+
+
+def evaluate_folder(
+    model: nn.Module,
+    root: str | os.PathLike,
+    benchmark: str = "folder",
+    *,
+    name: str = "model",
+    batch_size: int = 64,
+    limit: int | None = None,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+    progress: bool = True,
+) -> RobustnessResult:
+    """Top-1 on an ImageFolder: 'imagenet-a' / 'imagenet-r' (logits masked to their 200 classes), 'sketch' or any
+    'folder' whose classes match the model's."""
+    if benchmark not in ("imagenet-a", "imagenet-r", "sketch", "folder"):
+        raise ValueError(f"unknown benchmark {benchmark!r}; valid: imagenet-a, imagenet-r, sketch, folder")
+    spec = ModelInput.from_model(model)
+    check_classes(list_classes(root), _num_classes(model), benchmark)
+    model = model.to(device).eval()
+    counts = _gather(_score_folder(model, _folder(root, spec), spec, class_mask(benchmark), batch_size, limit,
+                                   device, workers, benchmark, progress)[None])
+    result = RobustnessResult(name, benchmark, (int(counts[0, 0]), int(counts[0, 1])))
+    result.meta.update(root=str(root), limit=limit, masked_classes=benchmark in ("imagenet-a", "imagenet-r"))
+    return result
