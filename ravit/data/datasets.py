@@ -1,0 +1,128 @@
+"""Dataset registry: Fashion-MNIST (IDX files, no network) and any ImageFolder.
+
+``create_dataset(name, split, data_dir, transform)`` returns a map-style dataset of ``(transformed PIL image, int
+label)``; ``dataset_info(name)`` gives what a model and a transform need to know (classes, native channels and size,
+normalisation statistics). New datasets register with ``@register_dataset(name, info)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+
+from ravit.data.fashion_mnist import CLASSES, load_fashion_mnist
+
+__all__ = [
+    "DatasetInfo",
+    "FashionMNIST",
+    "create_dataset",
+    "dataset_info",
+    "list_datasets",
+    "register_dataset",
+]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset; ``classes``/``img_size`` are None where they depend on the folder."""
+
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    img_size: int | None = None
+    classes: tuple[str, ...] | None = None
+    crop_pct: float = 0.875
+    splits: tuple[str, ...] = ("train", "test")
+
+
+_REGISTRY: dict[str, tuple[Callable[..., Dataset], DatasetInfo]] = {}
+
+
+def register_dataset(name: str, info: DatasetInfo):
+    """Decorator: register ``builder(split, data_dir, transform) -> Dataset`` under ``name``."""
+
+    def wrap(builder):
+        _REGISTRY[name] = (builder, info)
+        return builder
+
+    return wrap
+
+
+def list_datasets() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _lookup(name: str):
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
+    return _REGISTRY[name]
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    return _lookup(name)[1]
+
+
+def create_dataset(
+    name: str, split: str = "train", data_dir: str | os.PathLike | None = None, transform: Callable | None = None
+) -> Dataset:
+    """The ``split`` of dataset ``name``; raises FileNotFoundError (how to get it) or ValueError (empty)."""
+    builder, info = _lookup(name)
+    if split not in info.splits:
+        raise ValueError(f"dataset {name!r} has no split {split!r}; expected one of {list(info.splits)}")
+    dataset = builder(split, data_dir, transform)
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {name!r} split {split!r} is empty (data_dir={data_dir})")
+    return dataset
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST held in memory as uint8 (60k/10k images of 28x28); items are ``(transform(PIL 'L'), label)``."""
+
+    classes = CLASSES
+
+    def __init__(self, split: str = "train", data_dir: str | os.PathLike | None = None, transform=None):
+        self.images, labels = load_fashion_mnist(split, data_dir)  # (N, 28, 28) uint8, (N,) int64
+        self.targets = labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        img = Image.fromarray(self.images[index].numpy())  # uint8 (28, 28) -> mode "L"
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
+
+
+# Statistics of the Fashion-MNIST training images (pixel values / 255).
+_FMNIST_INFO = DatasetInfo(in_chans=1, mean=(0.2860,), std=(0.3530,), img_size=28, classes=CLASSES, crop_pct=1.0)
+
+
+@register_dataset("fashion_mnist", _FMNIST_INFO)
+def _fashion_mnist(split, data_dir, transform):
+    return FashionMNIST(split, data_dir, transform)
+
+
+@register_dataset(
+    "imagefolder",
+    DatasetInfo(in_chans=3, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, splits=("train", "val", "test")),
+)
+def _imagefolder(split, data_dir, transform):
+    """``data_dir/<split>/<class>/<image>`` (torchvision's ImageFolder), e.g. ImageNet's train/ and val/."""
+    if data_dir is None:
+        raise ValueError("dataset 'imagefolder' needs a data_dir holding <split>/<class>/<images>")
+    root = Path(data_dir) / split
+    if not root.is_dir():
+        raise FileNotFoundError(f"ImageFolder split {split!r} not found: {root} is not a directory")
+    try:
+        return ImageFolder(str(root), transform=transform)
+    except FileNotFoundError as err:  # torchvision's message for no class folders / no images
+        raise ValueError(f"ImageFolder {root} is empty: {err}") from None

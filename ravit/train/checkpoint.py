@@ -1,0 +1,94 @@
+"""Training checkpoints: written atomically, loaded with ``weights_only=True``, carrying everything resume needs.
+
+A checkpoint is a dict: ``model`` (state dict, no ``module.`` prefix), ``optimizer``, ``scheduler``, ``ema`` (or
+None), ``scaler`` (or None), ``rng`` (torch / CUDA / numpy / python states as tensors and plain types, so no pickle
+allowlist is needed), ``epoch`` (the number of finished epochs), ``num_updates``, ``best`` metrics and ``config`` (the
+resolved TrainConfig as a dict).
+
+Saving writes ``<name>.tmp`` next to the target, fsyncs it and ``os.replace``s it over the target, so a crash or a
+full disk never leaves a half-written checkpoint under the real name: the previous one stays intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["atomic_save", "capture_rng", "load_training_checkpoint", "restore_rng"]
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` via temp file + fsync + rename; OSError (e.g. disk full) leaves ``path`` untouched."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        reason = err.strerror or str(err)
+        raise OSError(err.errno, f"could not write checkpoint {path}: {reason}; the previous file is intact") from err
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def capture_rng() -> dict:
+    """All RNG states as tensors / plain Python values (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            np_state["kind"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_training_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint written by ``ravit train``; ValueError if the file is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a corrupt or foreign file
+        raise ValueError(f"{path} is not a readable checkpoint: {err}") from None
+    required = {"state_dict", "optimizer", "scheduler", "epoch", "config", "rng"}
+    if not isinstance(ckpt, dict) or not required <= set(ckpt):
+        raise ValueError(f"{path} is not a ravit training checkpoint (needs keys {sorted(required)})")
+    return ckpt

@@ -1,0 +1,169 @@
+"""Training configuration: one flat dataclass, filled from defaults < a YAML file < command-line flags.
+
+Every field is also a ``--flag`` of ``ravit train`` (underscores become dashes). A YAML key or a flag that names no
+field is an error that names it. Defaults follow the FAN recipe (Zhou et al. 2022, Sec. 4 / fan.md Sec. 1.6: AdamW,
+cosine schedule with warm-up, weight decay 0.05, label smoothing 0.1), scaled down for small data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+__all__ = ["RESUME_SAFE_KEYS", "TrainConfig", "config_fields", "load_config", "parse_value"]
+
+
+@dataclass
+class TrainConfig:
+    # model: any ravit or timm model name, with constructor kwargs
+    model: str = "deit_tiny_patch16_224"
+    model_kwargs: dict = field(default_factory=dict)
+    img_size: int | None = None  # None: the dataset's native size
+    in_chans: int | None = None  # None: the dataset's native channels
+    num_classes: int | None = None  # None: the dataset's number of classes
+    drop_path_rate: float | None = None  # None: the model's default
+    pretrained: bool = False
+    init_checkpoint: str | None = None  # weights to fine-tune from (head re-initialised if num_classes differs)
+    # data
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    train_split: str = "train"
+    val_split: str = "test"
+    train_subset: int | None = None  # a fixed random subset (seeded) of this many training images
+    val_subset: int | None = None  # the first this-many validation images
+    workers: int = 0
+    # augmentation (timm transforms)
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])
+    hflip: float = 0.5
+    color_jitter: float = 0.0
+    auto_augment: str | None = None
+    reprob: float = 0.0
+    crop_pct: float | None = None  # eval resize-then-crop; None: the dataset's default
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    smoothing: float = 0.1
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 128  # per process
+    eval_batch_size: int = 256
+    opt: str = "adamw"
+    lr: float = 1e-3  # for the global batch (batch_size * world size)
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    clip_grad: float | None = None
+    amp: bool = False
+    amp_dtype: str = "bfloat16"
+    ema: bool = False
+    ema_decay: float = 0.9998
+    # ATS in the loop (needs ravit.apply_ats)
+    ats_blocks: list[int] | None = None
+    ats_budget: float | None = None  # tokens kept per ATS block: a count (> 1) or a ratio in (0, 1]
+    ats_sampler: str = "inverse_transform"
+    # run
+    seed: int = 0
+    output: str = "runs/train"
+    resume: bool = False  # continue from <output>/last.pth when it exists
+    device: str = "auto"  # auto: cuda:LOCAL_RANK when available, else cpu
+    threads: int | None = None  # torch intra-op threads per process (None: torch's default)
+    progress: bool = True
+
+
+# Keys that may differ between a run and its resumption without changing its result.
+RESUME_SAFE_KEYS = frozenset({"data_dir", "workers", "output", "resume", "device", "threads", "progress"})
+
+
+def config_fields() -> dict[str, str]:
+    """Field name -> annotation string, in declaration order."""
+    return {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def _unknown(key: str, where: str) -> ValueError:
+    close = difflib.get_close_matches(key, config_fields(), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"unknown config key {key!r} in {where}{hint}")
+
+
+_LIST_ITEMS = {"list[int]": int, "list[float]": float}
+
+
+def parse_value(name: str, value):
+    """Coerce ``value`` (from YAML or a command-line string) to the type of field ``name``; ValueError if it can't."""
+    annotation = config_fields()[name]
+    optional = annotation.endswith("| None")
+    base = annotation.removesuffix(" | None")
+    if isinstance(value, str) and base != "str":
+        value = yaml.safe_load(value) if value.strip() else None
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"config key {name!r} may not be null")
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if base in ("int", "float", "str"):
+            if base == "int" and (isinstance(value, bool) or float(value) != int(float(value))):
+                raise TypeError
+            return {"int": lambda v: int(float(v)), "float": float, "str": str}[base](value)
+        if base in _LIST_ITEMS:
+            item = _LIST_ITEMS[base]
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return [item(v) for v in items]
+        if base == "dict":
+            if isinstance(value, dict):
+                return dict(value)
+            raise TypeError
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"config key {name!r} expects {annotation}, got {value!r}")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults, then the YAML file at ``path``, then ``overrides`` (already-parsed command-line values)."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config file must be a mapping of keys to values")
+        for key, value in loaded.items():
+            if key not in config_fields():
+                raise _unknown(key, str(path))
+            values[key] = parse_value(key, value)
+    for key, value in (overrides or {}).items():
+        if key not in config_fields():
+            raise _unknown(key, "the overrides")
+        values[key] = parse_value(key, value)
+    cfg = TrainConfig(**values)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: TrainConfig) -> None:
+    if cfg.epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
+    if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
+        raise ValueError("batch sizes must be >= 1")
+    if len(cfg.scale) != 2 or len(cfg.ratio) != 2:
+        raise ValueError("scale and ratio take two numbers each (min max)")
+    if cfg.amp_dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"amp_dtype must be bfloat16 or float16, got {cfg.amp_dtype!r}")
+    if cfg.ats_budget is not None and cfg.ats_blocks is None:
+        raise ValueError("ats_budget needs ats_blocks")
+    for name in ("train_subset", "val_subset"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")

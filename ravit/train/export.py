@@ -1,0 +1,135 @@
+"""Turn a finished ``ravit train`` run into a zoo model: packaged safetensors weights plus a manifest entry.
+
+The weights are stored in float16 (half the bytes); the manifest records the test accuracy measured both with the
+float32 training weights and through the real loading path (``ravit.create_model(name, pretrained=True)``), so any
+loss from the cast is visible.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ravit.data import create_dataset, create_transform, dataset_info
+from ravit.train.checkpoint import load_training_checkpoint
+from ravit.train.config import TrainConfig
+from ravit.train.loop import evaluate
+
+__all__ = ["ZOO_SLICE", "export_zoo_model", "eval_loader", "zoo_model_kwargs"]
+
+_NOTES = (
+    "Each entry: exported by ravit.train.export.export_zoo_model(run_dir, name, description, train_command) from "
+    "the run's last.pth (the final epoch, not a test-selected one); weights stored as float16. test_top1_fp32: full "
+    "test split with the float32 training weights; test_top1 and slice.top1: through ravit.create_model(name, "
+    "pretrained=True), full split and its first slice.first images."
+)
+
+# The fixed slice of the test split that tests/test_zoo.py checks against the manifest: the first 1000 images.
+ZOO_SLICE = 1000
+
+
+def zoo_model_kwargs(cfg: TrainConfig) -> dict:
+    """Constructor kwargs that rebuild the trained architecture for inference (no training-only kwargs)."""
+    info = dataset_info(cfg.dataset)
+    kwargs = dict(cfg.model_kwargs)
+    kwargs.update(
+        img_size=cfg.img_size or info.img_size,
+        in_chans=cfg.in_chans or info.in_chans,
+        num_classes=cfg.num_classes or len(info.classes),
+    )
+    return kwargs
+
+
+def eval_loader(
+    dataset: str,
+    in_chans: int,
+    img_size: int,
+    limit: int | None = None,
+    data_dir=None,
+    split: str = "test",
+    batch_size: int = 250,
+) -> DataLoader:
+    """The eval pipeline of ``ravit train`` over ``split`` (its first ``limit`` images when given)."""
+    info = dataset_info(dataset)
+    tf = create_transform(img_size, in_chans, info.mean, info.std, is_training=False, crop_pct=info.crop_pct)
+    ds = create_dataset(dataset, split, data_dir, tf)
+    indices = list(range(min(limit, len(ds)) if limit else len(ds)))
+    return DataLoader(ds, batch_size=batch_size, sampler=indices)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_zoo_model(
+    run_dir: str | os.PathLike,
+    name: str,
+    description: str,
+    train_command: str,
+    data_dir=None,
+    zoo_dir: str | os.PathLike | None = None,
+) -> dict:
+    """Export ``<run_dir>/last.pth`` as zoo model ``name`` and add (or replace) its manifest entry; returns it."""
+    import timm
+
+    import ravit
+    from ravit.checkpoint import save_checkpoint
+    from ravit.models import zoo
+
+    zoo_dir = Path(zoo_dir) if zoo_dir is not None else zoo.ZOO_DIR
+    ckpt = load_training_checkpoint(Path(run_dir) / "last.pth")
+    cfg = TrainConfig(**ckpt["config"])
+    kwargs = zoo_model_kwargs(cfg)
+    model = timm.create_model(cfg.model, **kwargs)
+    model.load_state_dict(ckpt["state_dict"])
+    info = dataset_info(cfg.dataset)
+    full = eval_loader(cfg.dataset, kwargs["in_chans"], kwargs["img_size"], data_dir=data_dir)
+    fp32 = evaluate(model, full, torch.device("cpu"))
+
+    weights = zoo_dir / f"{name}.safetensors"
+    save_checkpoint(copy.deepcopy(model).to(torch.float16), weights, metadata={"model": name, "dtype": "float16"})
+    weights.chmod(0o644)  # package data: readable by every user of an installed copy
+    entry = {
+        "architecture": cfg.model,
+        "model_kwargs": kwargs,
+        "description": description,
+        "dataset": cfg.dataset,
+        "input_size": [kwargs["in_chans"], kwargs["img_size"], kwargs["img_size"]],
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "crop_pct": info.crop_pct,
+        "label_names": list(info.classes) if info.classes else None,
+        "weights": weights.name,
+        "dtype": "float16",
+        "sha256": _sha256(weights),
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_command": train_command,
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "train_config": ckpt["config"],
+        "test_top1_fp32": round(fp32["top1"], 2),
+    }
+    zoo.register_zoo_model(name, entry, zoo_dir)
+    shipped = ravit.create_model(name, pretrained=True)
+    entry["test_top1"] = round(evaluate(shipped, full, torch.device("cpu"))["top1"], 2)
+    sliced = eval_loader(cfg.dataset, kwargs["in_chans"], kwargs["img_size"], limit=ZOO_SLICE, data_dir=data_dir)
+    entry["slice"] = {
+        "split": "test",
+        "first": ZOO_SLICE,
+        "top1": round(evaluate(shipped, sliced, torch.device("cpu"))["top1"], 2),
+    }
+
+    manifest_path = zoo_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"models": {}}
+    manifest["notes"] = _NOTES
+    manifest["models"][name] = entry
+    tmp = manifest_path.with_name(manifest_path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, manifest_path)
+    return entry
