@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV=${RAVIT_VENV:-.venv}
-"$VENV/bin/ravit" demo "$@"
+"$VENV/bin/ravit" study "$@"
