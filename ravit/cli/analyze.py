@@ -20,9 +20,9 @@ import argparse
 from pathlib import Path
 
 import torch
-import yaml
 
 from ravit.cli import CLIError
+from ravit.cli._args import parse_model_kwargs
 
 __all__ = ["register", "run"]
 
@@ -33,16 +33,6 @@ _DESCRIPTIONS = {
     "attention": "attention maps over images: CLS / class attention and token-mixing attention",
     "ats": "ATS: kept-token masks per ATS block, histogram of kept tokens, per-image GMACs",
 }
-
-
-def _kv_pairs(items: list[str]) -> dict:
-    pairs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CLIError(f"--model-kwargs expects KEY=VALUE, got {item!r}")
-        pairs[key] = yaml.safe_load(value)
-    return pairs
 
 
 def _add_common(parser: argparse.ArgumentParser, num_images: int, dataset_level: bool) -> None:
@@ -146,7 +136,7 @@ def _load_model(args) -> torch.nn.Module:
 
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
-    kwargs = _kv_pairs(args.model_kwargs)
+    kwargs = parse_model_kwargs(args.model_kwargs)
     torch.manual_seed(args.seed)  # random-weight models (no --pretrained / --checkpoint) are then reproducible
     try:
         model = ravit.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint, **kwargs)
@@ -246,7 +236,7 @@ def _output(args) -> Path:
 def _header(args, **extra) -> dict:
     return dict(
         analysis=args.analysis, model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
-        model_kwargs=_kv_pairs(args.model_kwargs), dataset=args.dataset, split=args.split, **extra,
+        model_kwargs=parse_model_kwargs(args.model_kwargs), dataset=args.dataset, split=args.split, **extra,
     )
 
 

@@ -16,12 +16,12 @@ import argparse
 from pathlib import Path
 
 import torch
-import yaml
 from timm.data import resolve_data_config
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ravit.cli import CLIError
+from ravit.cli._args import parse_model_kwargs
 
 __all__ = ["register", "run"]
 
@@ -52,16 +52,6 @@ def _parse_budget(items: list[str]) -> int | float | None | list:
         except ValueError:
             raise CLIError(f"--budget expects 'none', an int token count or a ratio like 0.7, got {item!r}") from None
     return values[0] if len(values) == 1 else values
-
-
-def _model_kwargs(items: list[str]) -> dict:
-    kwargs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CLIError(f"--model-kwargs expects KEY=VALUE, got {item!r}")
-        kwargs[key] = yaml.safe_load(value)
-    return kwargs
 
 
 def register(subparsers) -> None:
@@ -137,7 +127,7 @@ def run(args) -> int:
         raise CLIError("--limit must be at least 1")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model = ravit.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint,
-                               **_model_kwargs(args.model_kwargs)).eval().to(device)
+                               **parse_model_kwargs(args.model_kwargs)).eval().to(device)
     apply_ats(model, blocks=blocks, budget=budget, sampler=args.sampler)  # validates before any data is read
     config = dict(blocks=list(model.ats_config.blocks), budgets=list(model.ats_config.budgets), sampler=args.sampler)
     remove_ats(model)

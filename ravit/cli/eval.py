@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
 from ravit.cli import CLIError
+from ravit.cli._args import parse_model_kwargs
 
 __all__ = ["register", "run"]
 
@@ -53,16 +53,6 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _kv_pairs(items: list[str]) -> dict:
-    pairs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CLIError(f"--model-kwargs expects KEY=VALUE, got {item!r}")
-        pairs[key] = yaml.safe_load(value)
-    return pairs
-
-
 def _build(args):
     """(model, name, the training run's dataset or None, the input size it was built for or None)."""
     import ravit
@@ -70,7 +60,7 @@ def _build(args):
     from ravit.train.config import TrainConfig
     from ravit.train.export import zoo_model_kwargs
 
-    kwargs = _kv_pairs(args.model_kwargs)
+    kwargs = parse_model_kwargs(args.model_kwargs)
     ckpt_path = Path(args.checkpoint) if args.checkpoint else None
     if ckpt_path is not None and not ckpt_path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")

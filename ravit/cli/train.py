@@ -8,21 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
-
 from ravit.cli import CLIError
+from ravit.cli._args import parse_model_kwargs
 
 __all__ = ["register", "run"]
-
-
-def _kv_pairs(items: list[str]) -> dict:
-    pairs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CLIError(f"--model-kwargs expects KEY=VALUE, got {item!r}")
-        pairs[key] = yaml.safe_load(value)
-    return pairs
 
 
 def register(subparsers) -> None:
@@ -55,7 +44,7 @@ def run(args) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k in config_fields()}
     if "model_kwargs" in overrides:
-        overrides["model_kwargs"] = _kv_pairs(overrides["model_kwargs"])
+        overrides["model_kwargs"] = parse_model_kwargs(overrides["model_kwargs"])
     cfg = load_config(args.config, overrides)
     try:
         train(cfg)
