@@ -272,18 +272,24 @@ class FAN(nn.Module):
         if norm and any(self.feature_info[i]["num_chs"] != self.num_features for i in take_indices):
             raise ValueError("norm=True needs intermediates as wide as the final norm; this model changes width")
         x, hw = self._embed(x)
-        intermediates = []
         blocks = self.blocks[: max_index + 1] if stop_early or intermediates_only else self.blocks
-        for i, blk in enumerate(blocks):
+        x, intermediates = self._blocks_with_intermediates(x, hw, blocks, take_indices, norm, output_fmt)
+        if intermediates_only:
+            return intermediates
+        return self.norm(self._class_attention(x)), intermediates
+
+    def _blocks_with_intermediates(self, x: torch.Tensor, hw: tuple[int, int], blocks, take_indices, norm: bool,
+                                   output_fmt: str, start: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run ``blocks`` (numbered from ``start``), keeping the outputs whose number is in ``take_indices``."""
+        intermediates = []
+        for i, blk in enumerate(blocks, start=start):
             x, hw = self._run_block(blk, x, hw)
             if i in take_indices:
                 y = self.norm(x) if norm else x  # (B, N, C)
                 if output_fmt == "NCHW":
                     y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], hw[0], hw[1])  # (B, C, H, W)
                 intermediates.append(y)
-        if intermediates_only:
-            return intermediates
-        return self.norm(self._class_attention(x)), intermediates
+        return x, intermediates
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:

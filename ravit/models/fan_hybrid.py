@@ -176,13 +176,8 @@ class FANHybrid(FAN):
             x = x + self.pos_embed(hw)
         x = self.pos_drop(x)
         blocks = self.blocks[: max_index + 1 - n_stem] if stop_early or intermediates_only else self.blocks
-        for i, blk in enumerate(blocks, start=n_stem):
-            x, hw = self._run_block(blk, x, hw)
-            if i in take_indices:
-                y = self.norm(x) if norm else x  # (B, N, C)
-                if output_fmt == "NCHW":
-                    y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], hw[0], hw[1])  # (B, C, H, W)
-                intermediates.append(y)
+        x, fan_intermediates = self._blocks_with_intermediates(x, hw, blocks, take_indices, norm, output_fmt, n_stem)
+        intermediates += fan_intermediates
         if intermediates_only:
             return intermediates
         return self.norm(self._class_attention(x)), intermediates
