@@ -197,7 +197,7 @@ def run_study(
     vit: str = DEFAULT_VIT,
     fan: str = DEFAULT_FAN,
     limit: int = 1000,
-    severities: Sequence[int] = (1, 3, 5),
+    severities: Sequence[int] = (1, 2, 3, 4, 5),
     budgets: Sequence[float | None] = (None, 0.75, 0.5, 0.35),
     analysis_images: int = 64,
     noise_std: float = 0.5,

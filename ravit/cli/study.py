@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--vit", default=None, help="zoo name of the DeiT-style ViT (default: the shipped one)")
     p.add_argument("--fan", default=None, help="zoo name of the FAN-ViT (default: the shipped one)")
     p.add_argument("--limit", type=int, default=1000, help="first N Fashion-MNIST test images")
-    p.add_argument("--severities", type=int, nargs="+", default=[1, 3, 5], choices=[1, 2, 3, 4, 5])
+    p.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5])
     p.add_argument("--budgets", type=_budget, nargs="+", default=[None, 0.75, 0.5, 0.35],
                    help="ATS budgets: 'all', a ratio in (0, 1], or a token count")
     p.add_argument("--gmacs-images", type=int, default=200, help="count ATS GMACs per image on the first N images")
