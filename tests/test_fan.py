@@ -41,7 +41,12 @@ def _official_counts() -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-@pytest.mark.parametrize("name", sorted(_official_counts()))
+_NO_FIXTURES = pytest.param(
+    None, marks=pytest.mark.skip(reason=f"parity fixtures not found at {PARITY_DIR} (set RAVIT_PARITY_DIR)")
+)
+
+
+@pytest.mark.parametrize("name", sorted(_official_counts()) or [_NO_FIXTURES])
 def test_param_count_equals_official(name):
     assert name in timm.list_models() or name.lower() in timm.list_models(), f"{name} is not registered"
     with torch.device("meta"):
