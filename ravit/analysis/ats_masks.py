@@ -15,23 +15,13 @@ import torch
 from torch import nn
 
 from ravit.analysis.features import check_images, patch_grid
+from ravit.ats import trace
 
 __all__ = ["ATSStatistics", "ats_statistics", "ats_token_masks", "kept_token_masks", "kept_token_histogram"]
 
 
-def _trace(model: nn.Module, images: torch.Tensor, count_gmacs: bool):
-    try:
-        from ravit.ats import trace
-    except ImportError as err:
-        raise ValueError(f"ATS analysis needs ravit.ats.trace, which is not available ({err})") from None
-    return trace(model, images, count_gmacs=count_gmacs)
-
-
-def _block_labels(result, n_blocks: int) -> list[str]:
-    blocks = getattr(result, "blocks", None)
-    if blocks is not None and len(blocks) == n_blocks:
-        return [b if isinstance(b, str) else f"blocks.{int(b)}" for b in blocks]
-    return [f"ats.{j}" for j in range(n_blocks)]
+def _block_labels(result) -> list[str]:
+    return [f"blocks.{int(b)}" for b in result.blocks]
 
 
 def kept_token_masks(kept_indices: Sequence[Sequence[torch.Tensor]], grid: tuple[int, int]) -> torch.Tensor:
@@ -60,9 +50,9 @@ def kept_token_histogram(kept_tokens: torch.Tensor, max_tokens: int) -> torch.Te
 def ats_token_masks(model: nn.Module, images: torch.Tensor) -> tuple[list[str], torch.Tensor]:
     """(ATS block labels, boolean masks (n_ats_blocks, B, h, w) of the patches each block keeps)."""
     check_images(model, images)
-    result = _trace(model, images, count_gmacs=False)
+    result = trace(model, images, count_gmacs=False)
     masks = kept_token_masks(result.kept_indices, patch_grid(model, images))
-    return _block_labels(result, masks.shape[0]), masks
+    return _block_labels(result), masks
 
 
 @dataclass(frozen=True)
@@ -81,12 +71,12 @@ def ats_statistics(model: nn.Module, batches: Iterable[torch.Tensor]) -> ATSStat
     kept, gmacs, labels, max_tokens = [], [], None, 0
     for images in batches:
         check_images(model, images)
-        result = _trace(model, images, count_gmacs=True)
+        result = trace(model, images, count_gmacs=True)
         kept.append(torch.as_tensor(result.kept_tokens).long().cpu())
         gmacs.append(torch.as_tensor(result.gmacs).float().cpu())
         h, w = patch_grid(model, images)
         max_tokens = max(max_tokens, h * w + int(getattr(model, "num_prefix_tokens", 0)))
-        labels = labels or _block_labels(result, kept[-1].shape[1])
+        labels = labels or _block_labels(result)
     if not kept:
         raise ValueError("no images to analyse")
     return ATSStatistics(labels, torch.cat(kept), torch.cat(gmacs), max_tokens)

@@ -65,13 +65,8 @@ def _init_distributed(device: str) -> tuple[bool, str]:
 def _create_model(args):
     kwargs = {k: v for k, v in (("num_classes", args.num_classes), ("in_chans", args.in_chans),
                                 ("img_size", args.img_size)) if v is not None}
-    try:
-        from ravit import create_model
-    except ImportError:  # the model factory lands separately; timm's is equivalent without checkpoint mapping
-        import timm
+    from ravit import create_model
 
-        return timm.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint or "",
-                                 **kwargs)
     return create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint, **kwargs)
 
 

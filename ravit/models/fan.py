@@ -295,14 +295,18 @@ class FAN(nn.Module):
                                   prune_head: bool = True) -> list[int]:
         """Drop the blocks after the last index needed (and the class-attention head); returns absolute indices."""
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[: max_index + 1]
+        self._prune(max_index + 1, prune_norm, prune_head)
+        return take_indices
+
+    def _prune(self, n_blocks: int, prune_norm: bool, prune_head: bool) -> None:
+        """Keep the first ``n_blocks`` FAN blocks; optionally drop the final norm and the class-attention head."""
+        self.blocks = self.blocks[:n_blocks]
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
             self.cls_attn_blocks = nn.ModuleList()
             self.cls_token = None
             self.reset_classifier(0, "")
-        return take_indices
 
     @torch.jit.ignore
     def get_attention_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -186,13 +186,7 @@ class FANHybrid(FAN):
                                   prune_head: bool = True) -> list[int]:
         """Drop the FAN blocks (and class-attention head) after the last index needed; indices into feature_info."""
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        self.blocks = self.blocks[: max(max_index + 1 - self.num_stem_stages, 0)]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.cls_attn_blocks = nn.ModuleList()
-            self.cls_token = None
-            self.reset_classifier(0, "")
+        self._prune(max(max_index + 1 - self.num_stem_stages, 0), prune_norm, prune_head)
         return take_indices
 
 
