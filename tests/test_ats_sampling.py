@@ -84,6 +84,19 @@ def test_uniform_scores(n):
     assert _run(topk_sampling, row, 1).nonzero().flatten().tolist() == [0]  # ties go to the earlier token
 
 
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(1, 30), k=st.integers(1, 40), data=st.data())
+def test_full_rows_fast_path_equals_padded_path(n, k, data):
+    """Rows with no padding and one K take a shorter code path; it must equal the general (padded) one row by row."""
+    batch = torch.tensor([data.draw(st.lists(st.one_of(score_values, st.floats(0.0, 10.0, width=32)),
+                                             min_size=n, max_size=n)) for _ in range(3)])
+    fast = inverse_transform_sampling(batch, torch.ones_like(batch, dtype=torch.bool), torch.full((3,), k))
+    padded = torch.cat([batch, torch.zeros(3, 1)], dim=1)
+    valid = torch.ones_like(padded, dtype=torch.bool)
+    valid[:, -1] = False
+    assert torch.equal(fast, inverse_transform_sampling(padded, valid, torch.full((3,), k))[:, :n])
+
+
 @pytest.mark.parametrize("fn", SAMPLERS)
 def test_all_zero_scores_behave_as_uniform(fn):
     assert torch.equal(_run(fn, [0.0] * 12, 12), _run(fn, [1.0] * 12, 12))

@@ -103,8 +103,8 @@ def ats_forward_features(
     for block in model.blocks[: cfg.blocks[0]]:  # dense blocks before the first ATS block: the host's own forward
         x = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
 
-    ids = torch.cat([torch.full((P,), -1), torch.arange(N - P)]).to(images.device).expand(B, N)  # (B, N)
-    tokens = Tokens(x.reshape(B * N, C), torch.full((B,), N, device=images.device), ids)
+    ids = torch.cat([torch.full((P,), -1), torch.arange(N - P)]).to(images.device).repeat(B)  # (B·N,)
+    tokens = Tokens(x.reshape(B * N, C), torch.full((B,), N, device=images.device), ids, N)
     budgets = dict(zip(cfg.blocks, cfg.budgets, strict=True))
     sampler = cfg.sampler_fn()
     for i in range(cfg.blocks[0], len(model.blocks)):
@@ -117,7 +117,7 @@ def ats_forward_features(
             tokens = block_forward(model.blocks[i], tokens, P, select)
         if record is not None and select is not None:
             record.append(tokens)
-    x = unpack(model.norm(tokens.x), tokens.slot_mask, tuple(tokens.ids.shape))  # (B, L, C)
+    x = unpack(model.norm(tokens.x), tokens.slot_mask, (B, tokens.width))  # (B, L, C)
     return x, tokens
 
 

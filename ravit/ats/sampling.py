@@ -95,6 +95,9 @@ def inverse_transform_sampling(
     K = 1 samples y = 1, the top token (linspace would put its single point at the grid start).
     """
     B, N = scores.shape
+    k = int(n_samples[0]) if n_samples.numel() else 0
+    if B and bool(valid.all()) and bool((n_samples == k).all()):
+        return _sample_full_rows(scores, k)
     n_valid = valid.sum(dim=1)  # (B,)
     scores = scores.float().masked_fill(~valid, 0.0)
     total = scores.sum(dim=1, keepdim=True)  # (B, 1)
@@ -131,6 +134,37 @@ def inverse_transform_sampling(
     kept_sorted |= (n_valid == 1)[:, None] & sorted_valid  # a single candidate is kept
     kept = torch.zeros_like(kept_sorted).scatter_(1, order, kept_sorted)
     return kept & valid
+
+
+def _sample_full_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`inverse_transform_sampling` when every entry is valid and every row takes the same K: the same
+    arithmetic, op for op, without the masks, gathers and per-row grids that padding and ragged K need.
+
+    Written separately because at batch 1 (always this case) the sampler's cost is its op count, about 4 µs per
+    op on CPU, not its arithmetic; the padded test in tests/test_ats_sampling.py checks both paths agree.
+    """
+    B, N = scores.shape
+    if N == 1:
+        return torch.ones_like(scores, dtype=torch.bool)
+    scores = scores.float()
+    total = scores.sum(dim=1, keepdim=True)  # (B, 1)
+    if bool((total <= 0).any()):  # all-zero rows sample as if uniform
+        scores = torch.where(total <= 0, 1.0, scores)
+        total = torch.where(total <= 0, float(N), total)
+    sorted_scores, order = torch.sort(scores / total, dim=1, stable=True)  # (B, N)
+    cdf = torch.cumsum(sorted_scores, dim=1)
+    lo = cdf[:, :1]
+    ncdf = (cdf - lo) / (cdf[:, -1:] - lo)  # (B, N)
+    if k == 1:
+        ys = scores.new_ones(B, 1)
+    else:
+        ys_start = torch.where(ncdf == 0, 1e8, ncdf).amin(dim=1, keepdim=True)  # (B, 1)
+        steps = torch.arange(k, device=scores.device, dtype=torch.float32)
+        grid = torch.linspace(0, 1, k, device=scores.device)  # what _unit_grid computes for one K
+        ys = ys_start + (grid * (k - 1) - ys_start * steps) / (k - 1)  # (B, K)
+    picks = (ys[:, :, None] - ncdf[:, None, :]).abs().argmin(dim=2)  # (B, K)
+    kept_sorted = torch.zeros(B, N, dtype=torch.bool, device=scores.device).scatter_(1, picks, True)
+    return torch.zeros_like(kept_sorted).scatter_(1, order, kept_sorted)
 
 
 def topk_sampling(scores: torch.Tensor, valid: torch.Tensor, n_samples: torch.Tensor) -> torch.Tensor:

@@ -53,8 +53,7 @@ def trace(model: nn.Module, images: torch.Tensor, count_gmacs: bool = True) -> A
     kept_tokens = torch.stack([tokens.lengths for tokens in record], dim=1).cpu()  # (B, S)
     kept_indices = []
     for tokens in record:
-        ids = tokens.ids.cpu()
-        rows = [row[: int(n)] for row, n in zip(ids, tokens.lengths.cpu(), strict=True)]
+        rows = tokens.ids.cpu().split(tokens.lengths.tolist())  # one row of original ids per image
         kept_indices.append([row[row >= 0] for row in rows])  # drop the prefix tokens (id -1)
     if count_gmacs:
         # An image's FLOPs depend only on its token count at each ATS block: count each distinct profile once.
