@@ -6,6 +6,10 @@ by this script on the same machine in the same run, so numbers from different ma
     .venv/bin/python benchmarks/fan_speed.py                        # CPU, fp32, batch 8 at 224
     .venv/bin/python benchmarks/fan_speed.py --device cuda --amp    # GPU, bf16 autocast
 
+``--breakdown`` (CPU) profiles one model's forward and splits its time into matmuls, attention kernels, convolutions,
+GELU and everything else, and prints the utilisation that would remain if everything else cost nothing: an upper
+bound on what any implementation built on these kernels can reach.
+
 Timings are medians over ``--iters`` runs after warm-up; on a machine shared with other jobs the 2-thread numbers
 swing widely (OpenMP threads wait on a busy core), so benchmark on a quiet machine or pass ``--threads 1``.
 """
@@ -69,6 +73,36 @@ def bench_model(name: str, device: torch.device, batch: int, img: int, iters: in
                 gmacs_per_s=gmacs * batch / seconds)
 
 
+# aten kernels by kind; self time only, so wrappers (linear, matmul, scaled_dot_product_attention) count once.
+KINDS = {
+    "matmul": ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"),
+    "convolution": ("aten::mkldnn_convolution", "aten::_convolution", "aten::thnn_conv2d"),
+    "gelu": ("aten::gelu",),
+}
+
+
+def breakdown(name: str, batch: int, img: int, peak: float, iters: int) -> dict:
+    """Per-kind self time of a CPU forward (torch.profiler), and the utilisation if only the kinds listed in
+    ``KINDS`` took time: the bound for implementations on these kernels (issue 2's 85% goal is checked against it)."""
+    model = ravit.create_model(name).eval()
+    gmacs = count_gmacs(model, torch.randn(1, 3, img, img))
+    images = torch.randn(batch, 3, img, img)
+    with torch.inference_mode():
+        for _ in range(2):
+            model(images)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(iters):
+                model(images)
+    per_kind = dict.fromkeys([*KINDS, "other"], 0.0)
+    for event in prof.key_averages():
+        kind = next((k for k, names in KINDS.items() if event.key in names), "other")
+        per_kind[kind] += event.self_cpu_time_total / iters / 1e6  # seconds per forward
+    floor = sum(v for k, v in per_kind.items() if k != "other")
+    return dict(model=name, seconds_per_batch=per_kind, total=sum(per_kind.values()),
+                bound_utilisation=gmacs * batch / floor / peak)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["fan_tiny_12_p16_224", "fan_small_12_p16_224"])
@@ -81,6 +115,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(model) (needs a C++ compiler)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's; use 1 on a shared, busy machine)")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--breakdown", action="store_true", help="CPU: time per kernel kind and the bound it implies")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,12 +136,21 @@ def main() -> None:
         row["utilisation"] = row["gmacs_per_s"] / peak
         print(f"{row['model']:34s} {row['gmacs_per_image']:10.3f} {row['images_per_s']:8.1f} "
               f"{row['ms_per_batch']:9.1f} {row['gmacs_per_s']:8.1f} {row['utilisation']:6.1%}")
+    bounds = []
+    if args.breakdown and device.type == "cpu":
+        print("\nprofiled self time per forward (the profiler adds a few µs per op, so 'other' reads high):")
+        for name in args.models:
+            b = breakdown(name, args.batch_size, args.img_size, peak, args.iters)
+            bounds.append(b)
+            parts = b["seconds_per_batch"].items()
+            shares = ", ".join(f"{k} {v * 1e3:.1f} ms ({v / b['total']:.0%})" for k, v in parts)
+            print(f"{name}: {shares}; utilisation bound if 'other' were free: {b['bound_utilisation']:.1%}")
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump(dict(device=str(device), threads=torch.get_num_threads(), amp=args.amp,
                            batch_size=args.batch_size, img_size=args.img_size, matmul_gmacs_per_s=peak,
-                           models=rows), f, indent=2)
+                           models=rows, breakdown=bounds), f, indent=2)
         os.replace(tmp, args.json)
 
 
