@@ -144,8 +144,6 @@ def _kept_rows(keep: torch.Tensor, tokens: Tokens, num_prefix: int) -> tuple[tor
     valid ones). Rows come image by image, each image's tokens in their input order, prefix tokens first."""
     keep = F.pad(keep, (num_prefix, 0), value=True)  # (B, width): prefix tokens are always kept
     image, slot = keep.nonzero(as_tuple=True)  # (T',) each, image-major, slots ascending
-    if tokens.uniform:
-        return image * tokens.width + slot, keep.sum(dim=1)
     starts = torch.cumsum(tokens.lengths, 0) - tokens.lengths  # (B,) first packed row of each image
     return starts.index_select(0, image) + slot, keep.sum(dim=1)
 
@@ -175,11 +173,8 @@ def block_forward(block: nn.Module, tokens: Tokens, num_prefix: int, select: Sel
     else:
         with torch.no_grad():  # scores only steer discrete choices: no gradient flows through them
             scores = _scores(q, k, v, attn.scale, tokens)[:, num_prefix:]  # (B, width - P)
-            if tokens.uniform:
-                keep = select(scores, torch.ones_like(scores, dtype=torch.bool))
-            else:
-                valid = tokens.valid[:, num_prefix:]
-                keep = select(scores, valid) & valid
+            valid = tokens.valid[:, num_prefix:]
+            keep = select(scores, valid) & valid
             rows, lengths = _kept_rows(keep, tokens, num_prefix)  # (T',), (B,)
         ids, width = tokens.ids.index_select(0, rows), int(lengths.max())
 

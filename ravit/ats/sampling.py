@@ -95,9 +95,8 @@ def inverse_transform_sampling(
     K = 1 samples y = 1, the top token (linspace would put its single point at the grid start).
     """
     B, N = scores.shape
-    k = int(n_samples[0]) if n_samples.numel() else 0
-    if B and bool(valid.all()) and bool((n_samples == k).all()):
-        return _sample_full_rows(scores, k)
+    if B and bool(valid.all()) and bool((n_samples == n_samples[0]).all()):
+        return _sample_full_rows(scores, int(n_samples[0]))
     n_valid = valid.sum(dim=1)  # (B,)
     scores = scores.float().masked_fill(~valid, 0.0)
     total = scores.sum(dim=1, keepdim=True)  # (B, 1)
@@ -148,9 +147,10 @@ def _sample_full_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(scores, dtype=torch.bool)
     scores = scores.float()
     total = scores.sum(dim=1, keepdim=True)  # (B, 1)
-    if bool((total <= 0).any()):  # all-zero rows sample as if uniform
-        scores = torch.where(total <= 0, 1.0, scores)
-        total = torch.where(total <= 0, float(N), total)
+    degenerate = total <= 0
+    if bool(degenerate.any()):  # all-zero rows sample as if uniform
+        scores = torch.where(degenerate, 1.0, scores)
+        total = torch.where(degenerate, float(N), total)
     sorted_scores, order = torch.sort(scores / total, dim=1, stable=True)  # (B, N)
     cdf = torch.cumsum(sorted_scores, dim=1)
     lo = cdf[:, :1]

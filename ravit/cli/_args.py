@@ -6,7 +6,15 @@ import yaml
 
 from ravit.cli import CLIError
 
-__all__ = ["parse_model_kwargs"]
+__all__ = ["add_weight_arguments", "parse_model_kwargs"]
+
+
+def add_weight_arguments(parser) -> None:
+    """--checkpoint, --pretrained and --model-kwargs: how a subcommand builds and loads its MODEL."""
+    parser.add_argument("--checkpoint", help="checkpoint file to load (ravit.load_checkpoint)")
+    parser.add_argument("--pretrained", action="store_true", help="load the model's shipped weights (zoo models)")
+    parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra model arguments, e.g. img_size=28 patch_size=4 in_chans=1 num_classes=10")
 
 
 def parse_model_kwargs(items: list[str] | None) -> dict:

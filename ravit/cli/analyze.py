@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ravit.cli import CLIError
-from ravit.cli._args import parse_model_kwargs
+from ravit.cli._args import add_weight_arguments, parse_model_kwargs
 
 __all__ = ["register", "run"]
 
@@ -37,10 +37,7 @@ _DESCRIPTIONS = {
 
 def _add_common(parser: argparse.ArgumentParser, num_images: int, dataset_level: bool) -> None:
     parser.add_argument("model", metavar="MODEL", help="ravit / timm model name (e.g. fan_tiny_12_p16_224)")
-    parser.add_argument("--checkpoint", help="checkpoint file to load (ravit.load_checkpoint)")
-    parser.add_argument("--pretrained", action="store_true", help="load the model's shipped weights (zoo models)")
-    parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="extra model arguments, e.g. img_size=28 in_chans=1 num_classes=10")
+    add_weight_arguments(parser)
     parser.add_argument("--dataset", default="fashion_mnist",
                         help="'fashion_mnist' (or 'fashion-mnist'), or an image folder: <folder>/<class>/<image> or "
                              "<folder>/<split>/<class>/<image>")

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ravit.cli import CLIError
-from ravit.cli._args import parse_model_kwargs
+from ravit.cli._args import add_weight_arguments, parse_model_kwargs
 
 __all__ = ["register", "run"]
 
@@ -59,10 +59,7 @@ def register(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", help="ravit / timm model name, e.g. deit_small_patch16_224")
     p.add_argument("data", metavar="DATA", help="'fashion-mnist' or an image folder")
-    p.add_argument("--checkpoint", help="checkpoint file to load (ravit.load_checkpoint)")
-    p.add_argument("--pretrained", action="store_true", help="load the model's shipped weights (zoo models)")
-    p.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="model arguments, e.g. img_size=28 patch_size=4 in_chans=1 num_classes=10")
+    add_weight_arguments(p)
     p.add_argument("--blocks", nargs="+", default=["3-11"], help="ATS blocks, e.g. 3-11 or 4 7 10 (default 3-11)")
     p.add_argument("--budget", nargs="+", default=["none"],
                    help="K per ATS block: none (all tokens, the released default), an int count of patch tokens, "
