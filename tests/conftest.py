@@ -9,6 +9,16 @@ from pathlib import Path
 import pytest
 
 PARITY_DIR = Path(os.environ.get("RAVIT_PARITY_DIR", Path(__file__).resolve().parents[2] / "shared/fixtures/parity"))
+# Under CI the parity fixtures are part of the contract: a missing folder fails the run instead of skipping.
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def missing_parity_fixtures() -> None:
+    """Skip (plain clone) or fail (CI=true) a test that needs ``../shared/fixtures/parity``."""
+    message = f"parity fixtures not found at {PARITY_DIR} (set RAVIT_PARITY_DIR)"
+    if IN_CI:
+        pytest.fail(message + "; CI=true requires them", pytrace=False)
+    pytest.skip(message)
 
 # Overrides that make each family's registered models small enough for CPU tests (keyed by the model's module).
 TINY_KWARGS = {
@@ -22,7 +32,7 @@ TINY_KWARGS = {
 @pytest.fixture(scope="session")
 def parity_dir() -> Path:
     if not (PARITY_DIR / "manifest.json").is_file():
-        pytest.skip(f"parity fixtures not found at {PARITY_DIR} (set RAVIT_PARITY_DIR)")
+        missing_parity_fixtures()
     return PARITY_DIR
 
 
