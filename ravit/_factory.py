@@ -8,6 +8,8 @@ import os
 import timm
 from torch import nn
 
+from ravit.errors import InvalidArgumentError
+
 from . import models  # noqa: F401  (registers ravit's families in timm's registry)
 from .checkpoint import load_checkpoint
 
@@ -20,7 +22,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: str | os.
     key names mapped, head re-initialised when ``num_classes`` differs). Other kwargs go to the model."""
     if not timm.is_model(name.split(".", 1)[0]):
         close = ", ".join(timm.list_models(f"*{name.split('.', 1)[0][:6]}*")[:8])
-        raise ValueError(f"unknown model {name!r}" + (f"; similar names: {close}" if close else ""))
+        raise InvalidArgumentError(f"unknown model {name!r}" + (f"; similar names: {close}" if close else ""))
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path)

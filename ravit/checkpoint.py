@@ -21,6 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ravit.errors import DataError, InvalidArgumentError, MissingFileError
+
 __all__ = ["CheckpointError", "load_checkpoint", "load_state_dict", "save_checkpoint", "use_ravit_loader"]
 
 _WRAPPERS_EMA = ("state_dict_ema", "model_ema")
@@ -28,7 +30,7 @@ _WRAPPERS = ("state_dict", "model")
 _PREFIXES = ("module.", "_orig_mod.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DataError):
     """A checkpoint that does not fit the model (or cannot be read safely)."""
 
 
@@ -58,7 +60,7 @@ def load_state_dict(path: str | os.PathLike, use_ema: bool = False,
     """Read a checkpoint file into a flat ``{key: tensor}`` dict (unwrapped, prefixes stripped, keys as stored)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         obj: object = load_file(path, device="cpu")
     else:
@@ -155,7 +157,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: dict[st
     """Write the model's state dict as ``.safetensors`` with the model name in the metadata (atomically)."""
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"ravit saves .safetensors files, got {path.name}")
+        raise InvalidArgumentError(f"ravit saves .safetensors files, got {path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}  # no shared storage
     meta = {"format": "pt", "model": _model_name(model), "num_classes": str(getattr(model, "num_classes", ""))}

@@ -32,6 +32,7 @@ from ravit.analysis.results import atomic_write, write_csv, write_json
 from ravit.analysis.spectra import grouping_spectra
 from ravit.ats import apply_ats, trace
 from ravit.bench.flops import count_gmacs
+from ravit.errors import InvalidArgumentError
 from ravit.robustness.evaluate import ModelInput, evaluate_corruptions, image_dataset
 from ravit.robustness.metrics import mce, mean_accuracy
 from ravit.robustness.registry import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS
@@ -207,7 +208,7 @@ def run_study(
 ) -> dict:
     """Run the three parts on the first ``limit`` Fashion-MNIST test images and write everything to ``out_dir``."""
     if min(limit, analysis_images, gmacs_images, batch_size) <= 0:
-        raise ValueError("limit, analysis_images, gmacs_images and batch_size must be positive")
+        raise InvalidArgumentError("limit, analysis_images, gmacs_images and batch_size must be positive")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     models = {name: create_model(name, pretrained=True).eval() for name in (vit, fan)}

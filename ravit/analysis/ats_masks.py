@@ -16,6 +16,7 @@ from torch import nn
 
 from ravit.analysis.features import check_images, patch_grid
 from ravit.ats import trace
+from ravit.errors import InvalidArgumentError
 
 __all__ = ["ATSStatistics", "ats_statistics", "ats_token_masks", "kept_token_masks", "kept_token_histogram"]
 
@@ -30,11 +31,11 @@ def kept_token_masks(kept_indices: Sequence[Sequence[torch.Tensor]], grid: tuple
     masks = torch.zeros(len(kept_indices), len(kept_indices[0]) if kept_indices else 0, h * w, dtype=torch.bool)
     for j, per_image in enumerate(kept_indices):
         if len(per_image) != masks.shape[1]:
-            raise ValueError(f"ATS block {j} lists {len(per_image)} images, block 0 lists {masks.shape[1]}")
+            raise InvalidArgumentError(f"ATS block {j} lists {len(per_image)} images, block 0 lists {masks.shape[1]}")
         for b, indices in enumerate(per_image):
             indices = torch.as_tensor(indices, dtype=torch.long).cpu()
             if len(indices) and (indices.min() < 0 or indices.max() >= h * w):
-                raise ValueError(f"ATS block {j}, image {b}: patch index outside the {h}x{w} grid")
+                raise InvalidArgumentError(f"ATS block {j}, image {b}: patch index outside the {h}x{w} grid")
             masks[j, b, indices] = True
     return masks.reshape(masks.shape[0], masks.shape[1], h, w)
 
@@ -42,7 +43,7 @@ def kept_token_masks(kept_indices: Sequence[Sequence[torch.Tensor]], grid: tuple
 def kept_token_histogram(kept_tokens: torch.Tensor, max_tokens: int) -> torch.Tensor:
     """Counts (n_blocks, max_tokens + 1): how many images kept t tokens in each block, from (n_images, n_blocks)."""
     if kept_tokens.numel() and (kept_tokens.min() < 0 or kept_tokens.max() > max_tokens):
-        raise ValueError(f"kept-token counts must lie in [0, {max_tokens}]")
+        raise InvalidArgumentError(f"kept-token counts must lie in [0, {max_tokens}]")
     return torch.stack([torch.bincount(column, minlength=max_tokens + 1) for column in kept_tokens.long().T.cpu()])
 
 
@@ -78,5 +79,5 @@ def ats_statistics(model: nn.Module, batches: Iterable[torch.Tensor]) -> ATSStat
         max_tokens = max(max_tokens, h * w + int(getattr(model, "num_prefix_tokens", 0)))
         labels = labels or _block_labels(result)
     if not kept:
-        raise ValueError("no images to analyse")
+        raise InvalidArgumentError("no images to analyse")
     return ATSStatistics(labels, torch.cat(kept), torch.cat(gmacs), max_tokens)

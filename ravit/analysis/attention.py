@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ravit.analysis.features import block_names, check_images, resolve_indices, token_grid
+from ravit.errors import InvalidArgumentError
 
 __all__ = ["attention_maps", "cls_attention", "model_has_cls_token", "recording_attention", "token_attention"]
 
@@ -45,7 +46,7 @@ def recording_attention(model: nn.Module, names: Sequence[str]) -> Iterator[dict
     for name in names:
         attn = getattr(modules.get(name), "attn", None)
         if attn is None or not isinstance(getattr(attn, "attn_drop", None), nn.Module):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{type(model).__name__}: attention maps need `get_attention_maps(x)` or timm-style blocks whose "
                 f"`{name}.attn` applies an `attn_drop` module to the softmax; {name!r} has neither"
             )
@@ -93,11 +94,11 @@ def attention_maps(model: nn.Module, images: torch.Tensor, blocks: Sequence[int]
         model(images)
     missing = [n for n in selected if n not in captured]
     if missing:
-        raise ValueError(f"{type(model).__name__}: no attention was recorded for {missing}")
+        raise InvalidArgumentError(f"{type(model).__name__}: no attention was recorded for {missing}")
     for name in selected:
         attn = captured[name]
         if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2]:
-            raise ValueError(f"{name}: recorded a {tuple(attn.shape)} tensor, not (B, heads, N, N) attention")
+            raise InvalidArgumentError(f"{name}: recorded a {tuple(attn.shape)} tensor, not (B, heads, N, N) attention")
     return {name: captured[name] for name in selected}
 
 
@@ -113,7 +114,7 @@ def _block_attention(model: nn.Module, images: torch.Tensor, block: int) -> tupl
     name = names[resolve_indices(len(names), [block])[0]]
     maps = attention_maps(model, images, [block])
     if name not in maps:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{type(model).__name__} gives no image-wide attention map for {name!r} (it gives {sorted(maps)[:3]}...); "
             "windowed attention (Swin) has none"
         )
@@ -137,7 +138,7 @@ def cls_attention(model: nn.Module, images: torch.Tensor, block: int = -1) -> to
             attn = maps[cls_keys[resolve_indices(len(cls_keys), [block])[0]]]  # (B, heads, 1, 1 + N)
             return _to_grid(attn[:, :, 0, 1:], images)
     if not model_has_cls_token(model):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"CLS attention needs a class token (or FAN class-attention blocks): {type(model).__name__} has no "
             "`cls_token` (e.g. a ViT built with class_token=False); use token attention (`--kind tokens`) instead"
         )
@@ -160,6 +161,6 @@ def token_attention(
         values = patches.mean(dim=2)
     else:
         if not 0 <= query < patches.shape[-1]:
-            raise ValueError(f"query patch {query} outside the {patches.shape[-1]} patch tokens")
+            raise InvalidArgumentError(f"query patch {query} outside the {patches.shape[-1]} patch tokens")
         values = patches[:, :, query]
     return _to_grid(values, images)

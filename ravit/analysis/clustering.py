@@ -15,6 +15,7 @@ from torch import nn
 
 from ravit.analysis.features import Method, block_outputs
 from ravit.analysis.spectra import Affinity, normalized_affinity, token_affinity
+from ravit.errors import InvalidArgumentError
 
 __all__ = ["cluster_masks", "kmeans", "labels_to_mask", "spectral_clustering", "spectral_embedding"]
 
@@ -32,7 +33,7 @@ def kmeans(points: torch.Tensor, k: int, iterations: int = 100) -> torch.Tensor:
     """
     n = points.shape[0]
     if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}] for {n} points, got {k}")
+        raise InvalidArgumentError(f"k must be in [1, {n}] for {n} points, got {k}")
     centres = [points[0]]
     for _ in range(1, k):
         dist = torch.cdist(points, torch.stack(centres)).min(dim=1).values  # (N,)
@@ -64,7 +65,7 @@ def spectral_clustering(
 ) -> torch.Tensor:
     """Cluster labels of each token set: (B, N, C) -> (B, N) long in [0, k), 0 = the largest cluster."""
     if tokens.ndim != 3:
-        raise ValueError(f"expected tokens (B, N, C), got shape {tuple(tokens.shape)}")
+        raise InvalidArgumentError(f"expected tokens (B, N, C), got shape {tuple(tokens.shape)}")
     labels = []
     for image_tokens in tokens.cpu():
         embedding = spectral_embedding(image_tokens, k, kind, bandwidth)
@@ -76,7 +77,7 @@ def labels_to_mask(labels: torch.Tensor, grid: tuple[int, int], image_size: tupl
     """Token labels (B, h*w) in raster order -> (B, h, w), or (B, H, W) nearest-upsampled to ``image_size``."""
     h, w = grid
     if labels.shape[-1] != h * w:
-        raise ValueError(f"{labels.shape[-1]} labels do not fill a {h}x{w} grid")
+        raise InvalidArgumentError(f"{labels.shape[-1]} labels do not fill a {h}x{w} grid")
     mask = labels.reshape(-1, h, w)
     if image_size is None:
         return mask

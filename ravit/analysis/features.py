@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ravit.errors import InvalidArgumentError
+
 __all__ = [
     "BlockOutputs",
     "block_names",
@@ -56,7 +58,7 @@ def block_names(model: nn.Module) -> list[str]:
         units = getattr(model, attr, None)
         if isinstance(units, (nn.Sequential, nn.ModuleList)) and len(units) > 0:
             return [f"{attr}.{i}" for i in range(len(units))]
-    raise ValueError(
+    raise InvalidArgumentError(
         f"{type(model).__name__} has no `blocks` (or `layers` / `stages`) sequence to analyse; pass the module names "
         "to analyse (names=['layer1', 'layer2'] here, --layers layer1 layer2 in the CLI)"
     )
@@ -70,7 +72,7 @@ def resolve_indices(n_blocks: int, indices: Sequence[int] | None) -> list[int]:
     for i in indices:
         j = i + n_blocks if i < 0 else i
         if not 0 <= j < n_blocks:
-            raise ValueError(f"block index {i} out of range for a model with {n_blocks} blocks")
+            raise InvalidArgumentError(f"block index {i} out of range for a model with {n_blocks} blocks")
         resolved.append(j)
     return resolved
 
@@ -99,13 +101,13 @@ def expected_image_size(model: nn.Module) -> tuple[int, int] | None:
 def check_images(model: nn.Module, images: torch.Tensor) -> None:
     """Raise ValueError unless ``images`` is a (B, C, H, W) batch the model accepts (channels, fixed size)."""
     if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"expected a non-empty image batch (B, C, H, W), got shape {tuple(images.shape)}")
+        raise InvalidArgumentError(f"expected a non-empty image batch (B, C, H, W), got shape {tuple(images.shape)}")
     channels = input_channels(model)
     if channels is not None and images.shape[1] != channels:
-        raise ValueError(f"model expects {channels}-channel images, got {images.shape[1]} channels")
+        raise InvalidArgumentError(f"model expects {channels}-channel images, got {images.shape[1]} channels")
     size = expected_image_size(model)
     if size is not None and tuple(images.shape[-2:]) != size:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"model expects {size[0]}x{size[1]} images, got {images.shape[-2]}x{images.shape[-1]}; resize them first "
             "(`ravit analyze` resizes to the model's input size)"
         )
@@ -119,7 +121,8 @@ def patch_grid(model: nn.Module, images: torch.Tensor) -> tuple[int, int]:
         return tuple(int(s) for s in patch_embed.dynamic_feat_size((height, width)))
     stride = getattr(model, "patch_size", None) or getattr(patch_embed, "patch_size", None)
     if stride is None:
-        raise ValueError(f"{type(model).__name__} has no patch_size / patch_embed to lay tokens out on the image")
+        raise InvalidArgumentError(
+            f"{type(model).__name__} has no patch_size / patch_embed to lay tokens out on the image")
     sh, sw = (stride, stride) if isinstance(stride, int) else stride
     return height // sh, width // sw
 
@@ -133,7 +136,7 @@ def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
-        raise ValueError(f"{type(model).__name__} has no submodule(s) {missing}")
+        raise InvalidArgumentError(f"{type(model).__name__} has no submodule(s) {missing}")
     captured: dict[str, torch.Tensor] = {}
     handles = []
 
@@ -162,7 +165,7 @@ def token_grid(n_tokens: int, image_hw: tuple[int, int], n_prefix: int) -> tuple
         w = round(math.sqrt(n * width / height))
         if w > 0 and n % w == 0 and (n // w) * width == w * height:
             return prefix, n // w, w
-    raise ValueError(f"cannot lay out {n_tokens} tokens as a grid for a {height}x{width} image")
+    raise InvalidArgumentError(f"cannot lay out {n_tokens} tokens as a grid for a {height}x{width} image")
 
 
 def _to_tokens(output: torch.Tensor, model: nn.Module, image_hw: tuple[int, int]):
@@ -171,7 +174,7 @@ def _to_tokens(output: torch.Tensor, model: nn.Module, image_hw: tuple[int, int]
     if output.ndim == 3:  # (B, prefix + h*w, C)
         prefix, h, w = token_grid(output.shape[1], image_hw, int(getattr(model, "num_prefix_tokens", 0)))
         return output[:, prefix:], (h, w)
-    raise ValueError(f"cannot read tokens from a block output of shape {tuple(output.shape)}")
+    raise InvalidArgumentError(f"cannot read tokens from a block output of shape {tuple(output.shape)}")
 
 
 @torch.no_grad()
@@ -204,7 +207,7 @@ def block_outputs(
     image_hw = (images.shape[-2], images.shape[-1])
     if method == "intermediates":
         if not hasattr(model, "forward_intermediates"):
-            raise ValueError(f"{type(model).__name__} has no forward_intermediates; use method='hooks'")
+            raise InvalidArgumentError(f"{type(model).__name__} has no forward_intermediates; use method='hooks'")
         maps = model.forward_intermediates(images, indices=take, output_fmt="NCHW", intermediates_only=True)
         outputs = [_to_tokens(m, model, image_hw) for m in maps]
     elif method == "hooks":
@@ -213,7 +216,7 @@ def block_outputs(
             model(images)
         outputs = [_to_tokens(captured[n], model, image_hw) for n in selected]
     else:
-        raise ValueError(f"unknown method {method!r}; expected 'auto', 'intermediates' or 'hooks'")
+        raise InvalidArgumentError(f"unknown method {method!r}; expected 'auto', 'intermediates' or 'hooks'")
     return BlockOutputs(
         names=[all_names[i] for i in take],
         tokens=[tokens.float() for tokens, _ in outputs],

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ravit.analysis.features import Method, block_outputs
+from ravit.errors import InvalidArgumentError
 
 __all__ = ["block_perturbation", "perturbation_profile", "relative_change"]
 
@@ -21,7 +22,7 @@ __all__ = ["block_perturbation", "perturbation_profile", "relative_change"]
 def relative_change(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
     """``||perturbed - clean|| / ||clean||`` per sample over all but the first dim: (B, ...) -> (B,)."""
     if clean.shape != perturbed.shape:
-        raise ValueError(f"shapes differ: {tuple(clean.shape)} vs {tuple(perturbed.shape)}")
+        raise InvalidArgumentError(f"shapes differ: {tuple(clean.shape)} vs {tuple(perturbed.shape)}")
     diff = (perturbed - clean).flatten(1).double().norm(dim=1)
     return (diff / clean.flatten(1).double().norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)).float()
 
@@ -41,7 +42,7 @@ def block_perturbation(
     (eval mode).
     """
     if noise.shape != images.shape:
-        raise ValueError(f"noise shape {tuple(noise.shape)} differs from images {tuple(images.shape)}")
+        raise InvalidArgumentError(f"noise shape {tuple(noise.shape)} differs from images {tuple(images.shape)}")
     clean = block_outputs(model, images, indices=indices, method=method, names=names)
     noisy = block_outputs(model, images + noise, indices=indices, method=method, names=names)
     result = {"input": relative_change(images, images + noise)}
@@ -66,7 +67,7 @@ def perturbation_profile(
     same noise directions (the measure then grows smoothly with ``noise_std``).
     """
     if noise_std < 0:
-        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        raise InvalidArgumentError(f"noise_std must be >= 0, got {noise_std}")
     generator = torch.Generator().manual_seed(seed)
     results: dict[str, list[torch.Tensor]] = {}
     for images in batches:
@@ -74,5 +75,5 @@ def perturbation_profile(
         for name, values in block_perturbation(model, images, noise, indices, method, names).items():
             results.setdefault(name, []).append(values.cpu())
     if not results:
-        raise ValueError("no images to analyse")
+        raise InvalidArgumentError("no images to analyse")
     return {name: torch.cat(values) for name, values in results.items()}

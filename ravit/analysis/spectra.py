@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ravit.analysis.features import Method, block_outputs
+from ravit.errors import InvalidArgumentError
 
 __all__ = [
     "Affinity",
@@ -46,11 +47,11 @@ def token_affinity(tokens: torch.Tensor, kind: Affinity = "gaussian", bandwidth:
     cos = (z @ z.transpose(-1, -2)).clamp(-1.0, 1.0)  # (..., N, N)
     if kind == "gaussian":
         if bandwidth <= 0:
-            raise ValueError(f"bandwidth must be positive, got {bandwidth}")
+            raise InvalidArgumentError(f"bandwidth must be positive, got {bandwidth}")
         return torch.exp((cos - 1.0) / bandwidth)
     if kind == "cosine":
         return cos.clamp_min(0.0)
-    raise ValueError(f"unknown affinity {kind!r}; expected 'gaussian' or 'cosine'")
+    raise InvalidArgumentError(f"unknown affinity {kind!r}; expected 'gaussian' or 'cosine'")
 
 
 def normalized_affinity(affinity: torch.Tensor) -> torch.Tensor:
@@ -68,7 +69,7 @@ def affinity_spectrum(tokens: torch.Tensor, kind: Affinity = "gaussian", bandwid
 def count_significant(eigenvalues: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Number of eigenvalues >= ``threshold`` times the largest one, per row of (..., N) sorted descending."""
     if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        raise InvalidArgumentError(f"threshold must be in (0, 1], got {threshold}")
     return (eigenvalues >= threshold * eigenvalues[..., :1]).sum(-1)
 
 
@@ -101,5 +102,5 @@ def grouping_spectra(
         for name, tokens in zip(outputs.names, outputs.tokens, strict=True):
             counts.setdefault(name, []).append(significant_eigenvalues(tokens, threshold, kind, bandwidth).cpu())
     if not counts:
-        raise ValueError("no images to analyse")
+        raise InvalidArgumentError("no images to analyse")
     return {name: torch.cat(values) for name, values in counts.items()}

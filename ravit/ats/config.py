@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ravit.ats.sampling import inverse_transform_sampling, topk_sampling
+from ravit.errors import InvalidArgumentError
 
 __all__ = ["ATSConfig", "SAMPLERS", "Budget", "Sampler"]
 
@@ -27,16 +28,16 @@ def _check_budget(value: object, num_patches: int) -> Budget:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"budget must be None, an int token count or a float ratio in (0, 1], got {value!r}")
+        raise InvalidArgumentError(f"budget must be None, an int token count or a float ratio in (0, 1], got {value!r}")
     if isinstance(value, numbers.Integral):
         if not 1 <= int(value) <= num_patches:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"budget {int(value)} is out of range: an int budget counts sampled patch tokens, 1..{num_patches} "
                 f"for this model (prefix tokens are always kept on top)"
             )
         return int(value)
     if not 0.0 < float(value) <= 1.0:
-        raise ValueError(f"budget ratio {float(value)} is out of range (0, 1]; use an int for a token count")
+        raise InvalidArgumentError(f"budget ratio {float(value)} is out of range (0, 1]; use an int for a token count")
     return float(value)
 
 
@@ -61,20 +62,21 @@ class ATSConfig:
         try:
             blocks = tuple(blocks)
         except TypeError:
-            raise ValueError(f"blocks must be an iterable of block indices, got {blocks!r}") from None
+            raise InvalidArgumentError(f"blocks must be an iterable of block indices, got {blocks!r}") from None
         if not blocks:
-            raise ValueError("blocks is empty: name at least one block to sample tokens in")
+            raise InvalidArgumentError("blocks is empty: name at least one block to sample tokens in")
         for b in blocks:
             if isinstance(b, bool) or not isinstance(b, numbers.Integral):
-                raise ValueError(f"block indices must be ints, got {b!r}")
+                raise InvalidArgumentError(f"block indices must be ints, got {b!r}")
             if not 0 <= b < depth:
-                raise ValueError(f"ATS block {b} is out of range: this model has blocks 0..{depth - 1}")
+                raise InvalidArgumentError(f"ATS block {b} is out of range: this model has blocks 0..{depth - 1}")
         if len(set(blocks)) != len(blocks):
-            raise ValueError(f"ATS blocks must be unique, got {list(blocks)}")
+            raise InvalidArgumentError(f"ATS blocks must be unique, got {list(blocks)}")
 
         if isinstance(budget, (list, tuple)):
             if len(budget) != len(blocks):
-                raise ValueError(f"got {len(budget)} budgets for {len(blocks)} ATS blocks; give one per block")
+                raise InvalidArgumentError(
+                    f"got {len(budget)} budgets for {len(blocks)} ATS blocks; give one per block")
             budgets = [_check_budget(v, num_patches) for v in budget]
         else:
             budgets = [_check_budget(budget, num_patches)] * len(blocks)
@@ -82,9 +84,10 @@ class ATSConfig:
 
         if isinstance(sampler, str):
             if sampler not in SAMPLERS:
-                raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)} or pass a callable")
+                raise InvalidArgumentError(
+                    f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)} or pass a callable")
         elif not callable(sampler):
-            raise ValueError(f"sampler must be a name {sorted(SAMPLERS)} or a callable, got {sampler!r}")
+            raise InvalidArgumentError(f"sampler must be a name {sorted(SAMPLERS)} or a callable, got {sampler!r}")
         return cls(blocks=tuple(b for b, _ in pairs), budgets=tuple(v for _, v in pairs), sampler=sampler)
 
     def sampler_fn(self) -> Sampler:

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from ravit.ats.block import Tokens, block_forward, unpack
 from ravit.ats.config import ATSConfig, Budget, Sampler
 from ravit.ats.sampling import samples_per_image
+from ravit.errors import InvalidArgumentError
 
 __all__ = ["apply_ats", "remove_ats", "has_ats", "ats_forward_features", "UnsupportedModelError"]
 
@@ -29,7 +30,7 @@ SUPPORTED = (
 )
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(InvalidArgumentError):
     """The model cannot take ATS; the message says what is supported."""
 
 
@@ -40,7 +41,8 @@ def has_ats(model: nn.Module) -> bool:
 
 def _check_host(model: nn.Module) -> None:
     if has_ats(model):
-        raise ValueError("ATS is already applied to this model; call ravit.remove_ats(model) first to change it")
+        raise InvalidArgumentError(
+            "ATS is already applied to this model; call ravit.remove_ats(model) first to change it")
     if not isinstance(model, VisionTransformer):
         raise UnsupportedModelError(f"{SUPPORTED}; got {type(model).__name__}")
     if model.cls_token is None:
@@ -66,7 +68,8 @@ class _ATSModel:
 
     def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
         if attn_mask is not None or is_causal:
-            raise ValueError("attn_mask / is_causal are not supported with ATS (tokens are dropped per image)")
+            raise InvalidArgumentError(
+                "attn_mask / is_causal are not supported with ATS (tokens are dropped per image)")
         return ats_forward_features(self, x)[0]
 
     def forward_intermediates(self, *args, **kwargs):
@@ -154,7 +157,7 @@ def apply_ats(
 def remove_ats(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_ats`: the original class back, the settings dropped; returns ``model``."""
     if not has_ats(model):
-        raise ValueError("this model has no ATS applied (nothing to remove)")
+        raise InvalidArgumentError("this model has no ATS applied (nothing to remove)")
     model.__class__ = model._ats_host
     del model.ats_config
     return model

@@ -13,6 +13,7 @@ from torch import nn
 
 from ravit.ats.patch import ats_forward_features, has_ats
 from ravit.bench.flops import count_flops
+from ravit.errors import InvalidArgumentError
 
 __all__ = ["ATSTrace", "trace"]
 
@@ -44,9 +45,10 @@ def trace(model: nn.Module, images: torch.Tensor, count_gmacs: bool = True) -> A
     forward under ``FlopCounterMode`` per distinct kept-token profile (images with equal profiles cost the same).
     """
     if not has_ats(model):
-        raise ValueError("trace needs a model with ATS applied: call ravit.apply_ats(model, ...) first")
+        raise InvalidArgumentError("trace needs a model with ATS applied: call ravit.apply_ats(model, ...) first")
     if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"expected a non-empty batch of images (B, C, H, W), got shape {tuple(images.shape)}")
+        raise InvalidArgumentError(
+            f"expected a non-empty batch of images (B, C, H, W), got shape {tuple(images.shape)}")
     record = []
     features, _ = ats_forward_features(model, images, record)
     logits = model.forward_head(features)

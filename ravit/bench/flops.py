@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
 
+from ravit.errors import InvalidArgumentError
+
 __all__ = ["count_gmacs", "count_flops"]
 
 
@@ -42,5 +44,6 @@ def count_flops(fn, *args, **kwargs) -> int:
 def count_gmacs(model: torch.nn.Module, images: torch.Tensor) -> float:
     """GMACs per image of ``model(images)``, averaged over the batch (the papers' unit, e.g. DeiT-S = 4.6)."""
     if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"expected a non-empty batch of images (B, C, H, W), got shape {tuple(images.shape)}")
+        raise InvalidArgumentError(
+            f"expected a non-empty batch of images (B, C, H, W), got shape {tuple(images.shape)}")
     return count_flops(model, images) / 2 / images.shape[0] / 1e9

@@ -8,15 +8,21 @@ adding a subcommand never touches this file.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import pkgutil
 import sys
 
-__all__ = ["build_parser", "main"]
+from ravit.errors import InvalidArgumentError, UserError
 
+__all__ = ["CLIError", "build_parser", "main"]
 
-class CLIError(Exception):
-    """A user error: printed as one line, exit code 2, no traceback."""
+# A command-line mistake (a bad flag value, flags that contradict each other): one line, exit code 2.
+CLIError = InvalidArgumentError
+
+# Operating-system errors that come from where the user pointed ravit (an output path under a regular file, a
+# read-only folder, a full disk), not from a bug: reported as one line like a UserError.
+_USER_OS_ERRORS = (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CLIError, FileNotFoundError, ValueError) as err:
+    except UserError as err:
         print(f"ravit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if not isinstance(err, _USER_OS_ERRORS) and err.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+            raise
+        print(f"ravit {args.command}: error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
 
 

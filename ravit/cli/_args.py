@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import torch
 import yaml
 
 from ravit.cli import CLIError
 
-__all__ = ["add_weight_arguments", "parse_model_kwargs"]
+__all__ = ["add_weight_arguments", "parse_model_kwargs", "resolve_device"]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``--device``: 'auto'/None (CUDA when available, else CPU), or a torch device string that exists here."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise CLIError(f"--device {name!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name!r}: CUDA is not available on this machine; use 'cpu' or 'auto'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise CLIError(f"--device {name!r}: ravit runs on 'cpu' or 'cuda'")
+    return device
 
 
 def add_weight_arguments(parser) -> None:

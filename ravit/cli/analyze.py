@@ -23,6 +23,7 @@ import torch
 
 from ravit.cli import CLIError
 from ravit.cli._args import add_weight_arguments, parse_model_kwargs
+from ravit.errors import InvalidArgumentError, MissingFileError
 
 __all__ = ["register", "run"]
 
@@ -132,7 +133,7 @@ def _load_model(args) -> torch.nn.Module:
     import ravit
 
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+        raise MissingFileError(f"checkpoint not found: {args.checkpoint}")
     kwargs = parse_model_kwargs(args.model_kwargs)
     torch.manual_seed(args.seed)  # random-weight models (no --pretrained / --checkpoint) are then reproducible
     try:
@@ -186,7 +187,7 @@ def _dataset(args, model: torch.nn.Module):
     try:
         return ImageFolder(str(folder), transform=transform)
     except FileNotFoundError as err:
-        raise ValueError(f"image folder {folder} holds no <class>/<image> files: {err}") from None
+        raise InvalidArgumentError(f"image folder {folder} holds no <class>/<image> files: {err}") from None
 
 
 def _subset(dataset, indices: list[int]):
@@ -194,7 +195,7 @@ def _subset(dataset, indices: list[int]):
 
     bad = [i for i in indices if not 0 <= i < len(dataset)]
     if bad:
-        raise ValueError(f"image indices {bad} outside the dataset's {len(dataset)} images")
+        raise InvalidArgumentError(f"image indices {bad} outside the dataset's {len(dataset)} images")
     return Subset(dataset, indices)
 
 
@@ -204,7 +205,7 @@ def _batches(args, model, desc: str):
     from tqdm import tqdm
 
     if args.num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+        raise InvalidArgumentError(f"--num-images must be >= 1, got {args.num_images}")
     dataset = _dataset(args, model)
     subset = _subset(dataset, list(range(min(args.num_images, len(dataset)))))
     loader = DataLoader(subset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
@@ -217,7 +218,7 @@ def _images(args, model, count: int) -> tuple[torch.Tensor, list[int], list[int]
     """(images (B, C, H, W) on the device, their dataset indices, their labels): --indices, else the first count."""
     dataset = _dataset(args, model)
     if count < 1:
-        raise ValueError(f"the number of images shown must be >= 1, got {count}")
+        raise InvalidArgumentError(f"the number of images shown must be >= 1, got {count}")
     indices = getattr(args, "indices", None) or list(range(min(count, len(dataset))))
     items = [_subset(dataset, indices)[i] for i in range(len(indices))]
     images = torch.stack([image for image, _ in items]).to(next(model.parameters()).device)
@@ -335,12 +336,12 @@ def _run_clusters(args) -> int:
     depth = len(block_names(model))
     blocks = args.blocks if args.blocks else sorted({round(i * (depth - 1) / 3) for i in range(4)})
     if args.k < 1:
-        raise ValueError(f"--k must be >= 1, got {args.k}")
+        raise InvalidArgumentError(f"--k must be >= 1, got {args.k}")
     outputs = block_outputs(model, images, indices=blocks)
     maps, record_blocks = {}, []
     for name, tokens, grid in zip(outputs.names, outputs.tokens, outputs.grids, strict=True):
         if args.k > tokens.shape[1]:
-            raise ValueError(f"--k {args.k} exceeds the {tokens.shape[1]} tokens of {name}")
+            raise InvalidArgumentError(f"--k {args.k} exceeds the {tokens.shape[1]} tokens of {name}")
         token_labels = spectral_clustering(tokens, args.k, args.affinity, args.bandwidth)  # (B, N)
         maps[name] = labels_to_mask(token_labels, grid, (images.shape[-2], images.shape[-1]))
         record_blocks.append(dict(name=name, grid=list(grid), labels=labels_to_mask(token_labels, grid).tolist()))
@@ -369,7 +370,7 @@ def _run_attention(args) -> int:
     maps: dict[str, torch.Tensor] = {}  # row label -> (B, heads, h, w)
     names = block_names(model)
     if not -len(names) <= args.block < len(names):
-        raise ValueError(f"--block {args.block} out of range for a model with {len(names)} blocks")
+        raise InvalidArgumentError(f"--block {args.block} out of range for a model with {len(names)} blocks")
     block = names[args.block]
     has_class_attention = hasattr(model, "get_attention_maps")  # FAN: class-attention blocks after the blocks
     if args.kind == "cls" or (args.kind == "auto" and (has_class_attention or model_has_cls_token(model))):

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ravit.cli import CLIError
 from ravit.cli._args import add_weight_arguments, parse_model_kwargs
+from ravit.errors import InvalidArgumentError, MissingFileError
 
 __all__ = ["register", "run"]
 
@@ -92,7 +93,7 @@ def _dataset(args, model: torch.nn.Module):
         return create_dataset("fashion_mnist", args.split, args.data_dir, transform)
     folder = Path(args.data)
     if not folder.is_dir():
-        raise FileNotFoundError(f"DATA must be 'fashion-mnist' or an image folder; {folder} is not a directory")
+        raise MissingFileError(f"DATA must be 'fashion-mnist' or an image folder; {folder} is not a directory")
     if (folder / args.split).is_dir():
         return create_dataset("imagefolder", args.split, folder, transform)
     from torchvision.datasets import ImageFolder
@@ -100,7 +101,7 @@ def _dataset(args, model: torch.nn.Module):
     try:
         return ImageFolder(str(folder), transform=transform)
     except FileNotFoundError as err:
-        raise ValueError(f"image folder {folder} has no <class>/<image> files: {err}") from None
+        raise InvalidArgumentError(f"image folder {folder} has no <class>/<image> files: {err}") from None
 
 
 def _summary(values: torch.Tensor) -> dict:

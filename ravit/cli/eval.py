@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from ravit.cli import CLIError
 from ravit.cli._args import parse_model_kwargs
+from ravit.errors import MissingFileError
 
 __all__ = ["register", "run"]
 
@@ -63,7 +64,7 @@ def _build(args):
     kwargs = parse_model_kwargs(args.model_kwargs)
     ckpt_path = Path(args.checkpoint) if args.checkpoint else None
     if ckpt_path is not None and not ckpt_path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
+        raise MissingFileError(f"checkpoint not found: {ckpt_path}")
     if args.model is None:
         if ckpt_path is None or ckpt_path.suffix == ".safetensors":
             raise CLIError("name a MODEL, or pass --checkpoint with a ravit train checkpoint (last.pth / best.pth)")

@@ -11,6 +11,7 @@ import os
 
 from ravit.cli import CLIError
 from ravit.cli.corrupt import parse_severities
+from ravit.errors import MissingFileError
 
 BENCHMARKS = ("corrupt", "imagenet-c", "imagenet-a", "imagenet-r", "sketch", "folder")
 
@@ -88,9 +89,9 @@ def run(args) -> int:
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise CLIError("--batch-size and --limit must be positive")
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+        raise MissingFileError(f"checkpoint not found: {args.checkpoint}")
     if args.benchmark == "corrupt" and args.data != "fashion-mnist" and not os.path.isdir(args.data):
-        raise FileNotFoundError(f"dataset folder not found: {args.data}")
+        raise MissingFileError(f"dataset folder not found: {args.data}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     distributed, device = _init_distributed(device)
     try:

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from ravit.data.fashion_mnist import CLASSES, load_fashion_mnist
+from ravit.errors import InvalidArgumentError, MissingFileError
 
 __all__ = [
     "DatasetInfo",
@@ -61,7 +62,7 @@ def list_datasets() -> list[str]:
 
 def _lookup(name: str):
     if name not in _REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
+        raise InvalidArgumentError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}")
     return _REGISTRY[name]
 
 
@@ -75,10 +76,10 @@ def create_dataset(
     """The ``split`` of dataset ``name``; raises FileNotFoundError (how to get it) or ValueError (empty)."""
     builder, info = _lookup(name)
     if split not in info.splits:
-        raise ValueError(f"dataset {name!r} has no split {split!r}; expected one of {list(info.splits)}")
+        raise InvalidArgumentError(f"dataset {name!r} has no split {split!r}; expected one of {list(info.splits)}")
     dataset = builder(split, data_dir, transform)
     if len(dataset) == 0:
-        raise ValueError(f"dataset {name!r} split {split!r} is empty (data_dir={data_dir})")
+        raise InvalidArgumentError(f"dataset {name!r} split {split!r} is empty (data_dir={data_dir})")
     return dataset
 
 
@@ -118,11 +119,11 @@ def _fashion_mnist(split, data_dir, transform):
 def _imagefolder(split, data_dir, transform):
     """``data_dir/<split>/<class>/<image>`` (torchvision's ImageFolder), e.g. ImageNet's train/ and val/."""
     if data_dir is None:
-        raise ValueError("dataset 'imagefolder' needs a data_dir holding <split>/<class>/<images>")
+        raise InvalidArgumentError("dataset 'imagefolder' needs a data_dir holding <split>/<class>/<images>")
     root = Path(data_dir) / split
     if not root.is_dir():
-        raise FileNotFoundError(f"ImageFolder split {split!r} not found: {root} is not a directory")
+        raise MissingFileError(f"ImageFolder split {split!r} not found: {root} is not a directory")
     try:
         return ImageFolder(str(root), transform=transform)
     except FileNotFoundError as err:  # torchvision's message for no class folders / no images
-        raise ValueError(f"ImageFolder {root} is empty: {err}") from None
+        raise InvalidArgumentError(f"ImageFolder {root} is empty: {err}") from None

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ravit.errors import InvalidArgumentError, MissingFileError
+
 __all__ = ["CLASSES", "DEFAULT_DIR", "find_fashion_mnist", "load_fashion_mnist", "read_idx"]
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -36,14 +38,14 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4:
-        raise ValueError(f"{path}: not an IDX file (too short)")
+        raise InvalidArgumentError(f"{path}: not an IDX file (too short)")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path}: not a uint8 IDX file (magic {data[:4].hex()})")
+        raise InvalidArgumentError(f"{path}: not a uint8 IDX file (magic {data[:4].hex()})")
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says {shape} but holds {body.size} values (truncated?)")
+        raise InvalidArgumentError(f"{path}: header says {shape} but holds {body.size} values (truncated?)")
     return body.reshape(shape)
 
 
@@ -65,17 +67,17 @@ def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Path:
         if all(_locate(folder, stem) for pair in _FILES.values() for stem in pair):
             return folder
     tried = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(f"Fashion-MNIST not found (looked in {tried}): {_HOW_TO_GET}")
+    raise MissingFileError(f"Fashion-MNIST not found (looked in {tried}): {_HOW_TO_GET}")
 
 
 def load_fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None = None):
     """``(images, labels)``: uint8 tensor (N, 28, 28) and int64 tensor (N,) for split 'train' (60k) or 'test' (10k)."""
     if split not in _FILES:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(_FILES)}")
+        raise InvalidArgumentError(f"unknown split {split!r}; expected one of {sorted(_FILES)}")
     folder = find_fashion_mnist(data_dir)
     image_stem, label_stem = _FILES[split]
     images = read_idx(_locate(folder, image_stem))
     labels = read_idx(_locate(folder, label_stem))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"{folder}: {split} images {images.shape} and labels {labels.shape} do not match")
+        raise InvalidArgumentError(f"{folder}: {split} images {images.shape} and labels {labels.shape} do not match")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))

@@ -10,6 +10,8 @@ from __future__ import annotations
 from timm.data import create_transform as timm_create_transform
 from torchvision import transforms
 
+from ravit.errors import InvalidArgumentError
+
 __all__ = ["ToChannels", "create_transform", "expand_stats"]
 
 _MODES = {1: "L", 3: "RGB"}
@@ -20,7 +22,7 @@ class ToChannels:
 
     def __init__(self, in_chans: int):
         if in_chans not in _MODES:
-            raise ValueError(f"in_chans must be 1 or 3 for image data, got {in_chans}")
+            raise InvalidArgumentError(f"in_chans must be 1 or 3 for image data, got {in_chans}")
         self.mode = _MODES[in_chans]
 
     def __call__(self, img):
@@ -39,7 +41,7 @@ def expand_stats(stats: tuple[float, ...], in_chans: int) -> tuple[float, ...]:
         return stats * in_chans
     if in_chans == 1:
         return (sum(stats) / len(stats),)
-    raise ValueError(f"cannot map {len(stats)}-channel statistics to {in_chans} channels")
+    raise InvalidArgumentError(f"cannot map {len(stats)}-channel statistics to {in_chans} channels")
 
 
 def create_transform(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ravit.errors import InvalidArgumentError
+
 from .mlp import DWConvMlp
 
 __all__ = ["ChannelProcessing", "channel_attention_gate"]
@@ -38,7 +40,7 @@ class ChannelProcessing(nn.Module):
                  drop: float = 0.0, attn_drop: float = 0.0, dwconv_residual: bool = True):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+            raise InvalidArgumentError(f"dim {dim} must be divisible by num_heads {num_heads}")
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
         self.mlp_v = DWConvMlp(dim, int(dim * mlp_ratio), drop=drop, dwconv_residual=dwconv_residual)
         self.norm_v = nn.LayerNorm(dim)  # default eps 1e-5, as released (the rest of FAN uses 1e-6)

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
 
+from ravit.errors import InvalidArgumentError
+
 from .token_mixing import explicit_attention
 
 __all__ = ["ClassAttention", "ClassAttentionBlock"]
@@ -24,7 +26,7 @@ class ClassAttention(nn.Module):
                  proj_drop: float = 0.0):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+            raise InvalidArgumentError(f"dim {dim} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.k = nn.Linear(dim, dim, bias=qkv_bias)

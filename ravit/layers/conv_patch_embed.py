@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ravit.errors import InvalidArgumentError
+
 __all__ = ["ConvPatchEmbed", "conv_bn", "fused_conv_bn"]
 
 _STAGE_DIVISORS = {16: (8, 4, 2, 1), 8: (4, 2, 1), 4: (4, 1)}
@@ -42,10 +44,10 @@ class ConvPatchEmbed(nn.Module):
                  embed_dim: int = 768, act_layer: type[nn.Module] = nn.GELU):
         super().__init__()
         if patch_size not in _STAGE_DIVISORS:
-            raise ValueError(f"ConvPatchEmbed supports patch_size 4, 8 or 16, got {patch_size}")
+            raise InvalidArgumentError(f"ConvPatchEmbed supports patch_size 4, 8 or 16, got {patch_size}")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if img_size[0] % patch_size or img_size[1] % patch_size:
-            raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
+            raise InvalidArgumentError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
         self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans

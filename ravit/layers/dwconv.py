@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ravit.errors import InvalidArgumentError
+
 __all__ = ["DWConv", "tokens_to_map", "map_to_tokens"]
 
 
@@ -18,7 +20,7 @@ def tokens_to_map(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     B, N, C = x.shape
     H, W = hw
     if N != H * W:
-        raise ValueError(f"{N} tokens do not form a {H}×{W} grid")
+        raise InvalidArgumentError(f"{N} tokens do not form a {H}×{W} grid")
     return x.view(B, H, W, C).permute(0, 3, 1, 2)
 
 

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ravit.errors import InvalidArgumentError
+
 __all__ = ["TokenMixing", "explicit_attention"]
 
 
@@ -31,7 +33,7 @@ class TokenMixing(nn.Module):
                  proj_drop: float = 0.0):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+            raise InvalidArgumentError(f"dim {dim} must be divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)

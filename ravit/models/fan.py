@@ -22,6 +22,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from ravit.errors import InvalidArgumentError
+
 from ..checkpoint import load_checkpoint, use_ravit_loader
 from ..layers import (
     ChannelProcessing,
@@ -126,12 +128,13 @@ class FAN(nn.Module):
         num_heads = list(num_heads) if isinstance(num_heads, (list, tuple)) else [num_heads] * depth
         channel_dims = list(channel_dims) if channel_dims is not None else [embed_dim] * depth
         if len(num_heads) != depth or len(channel_dims) != depth:
-            raise ValueError(f"num_heads ({len(num_heads)}) and channel_dims ({len(channel_dims)}) need one entry "
+            raise InvalidArgumentError(
+                f"num_heads ({len(num_heads)}) and channel_dims ({len(channel_dims)}) need one entry "
                              f"per block (depth={depth})")
         if channel_dims[0] != embed_dim:
-            raise ValueError(f"channel_dims[0]={channel_dims[0]} must equal embed_dim={embed_dim}")
+            raise InvalidArgumentError(f"channel_dims[0]={channel_dims[0]} must equal embed_dim={embed_dim}")
         if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+            raise InvalidArgumentError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.in_chans = in_chans
@@ -194,7 +197,7 @@ class FAN(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         if global_pool is not None:
             if global_pool not in ("token", "avg", ""):
-                raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+                raise InvalidArgumentError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -207,14 +210,15 @@ class FAN(nn.Module):
     # --- forward ----------------------------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4:
-            raise ValueError(f"expected images (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
+            raise InvalidArgumentError(f"expected images (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
         batch, chans, H, W = x.shape
         if batch == 0:
-            raise ValueError("got an empty batch (0 images)")
+            raise InvalidArgumentError("got an empty batch (0 images)")
         if chans != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} input channels, got {chans} (input shape {tuple(x.shape)})")
+            raise InvalidArgumentError(
+                f"expected {self.in_chans} input channels, got {chans} (input shape {tuple(x.shape)})")
         if H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"input size {H}×{W} is not divisible by the model's stride {self.patch_size}")
+            raise InvalidArgumentError(f"input size {H}×{W} is not divisible by the model's stride {self.patch_size}")
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         self._check_input(x)
@@ -265,12 +269,14 @@ class FAN(nn.Module):
         Returns ``(final tokens as forward_features, intermediates)`` or, with ``intermediates_only``, the list.
         """
         if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+            raise InvalidArgumentError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         if return_prefix_tokens:
-            raise ValueError("FAN blocks carry no prefix tokens; the class token joins after the last FAN block")
+            raise InvalidArgumentError(
+                "FAN blocks carry no prefix tokens; the class token joins after the last FAN block")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         if norm and any(self.feature_info[i]["num_chs"] != self.num_features for i in take_indices):
-            raise ValueError("norm=True needs intermediates as wide as the final norm; this model changes width")
+            raise InvalidArgumentError(
+                "norm=True needs intermediates as wide as the final norm; this model changes width")
         x, hw = self._embed(x)
         blocks = self.blocks[: max_index + 1] if stop_early or intermediates_only else self.blocks
         x, intermediates = self._blocks_with_intermediates(x, hw, blocks, take_indices, norm, output_fmt)

@@ -27,6 +27,8 @@ from timm.models._features import feature_take_indices
 from timm.models.convnext import ConvNeXtStage
 from torch import nn
 
+from ravit.errors import InvalidArgumentError
+
 from ..checkpoint import use_ravit_loader
 from .fan import FAN, _cfg
 from .fan import checkpoint_filter_fn as _fan_checkpoint_filter_fn
@@ -62,7 +64,7 @@ class ConvNeXtStem(nn.Module):
                  stem_stride: int = 4):
         super().__init__()
         if len(depths) != len(dims) or not depths:
-            raise ValueError(f"need one ConvNeXt width per stage, got depths={depths} and dims={dims}")
+            raise InvalidArgumentError(f"need one ConvNeXt width per stage, got depths={depths} and dims={dims}")
         self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], stem_stride, stride=stem_stride),
                                   LayerNorm2d(dims[0], eps=1e-6))
         self.stages = nn.Sequential(*[
@@ -101,11 +103,11 @@ class HybridEmbed(nn.Module):
         super().__init__()
         self.backbone = ConvNeXtStem(in_chans, depths, dims)
         if patch_size != self.backbone.stride * proj_size:
-            raise ValueError(f"patch_size {patch_size} must equal the stem's stride {self.backbone.stride} × "
+            raise InvalidArgumentError(f"patch_size {patch_size} must equal the stem's stride {self.backbone.stride} × "
                              f"proj_size {proj_size}")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if img_size[0] % patch_size or img_size[1] % patch_size:
-            raise ValueError(f"img_size {img_size} must be divisible by the stride {patch_size}")
+            raise InvalidArgumentError(f"img_size {img_size} must be divisible by the stride {patch_size}")
         self.img_size = img_size
         self.patch_size = patch_size
         self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
@@ -136,7 +138,8 @@ class FANHybrid(FAN):
                  hybrid_patch_size: int = 2, **kwargs):
         for name in ("patch_size", "embed_layer"):
             if name in kwargs:
-                raise ValueError(f"FAN-Hybrid sets {name} from its ConvNeXt stem; got {name}={kwargs[name]!r}")
+                raise InvalidArgumentError(
+                    f"FAN-Hybrid sets {name} from its ConvNeXt stem; got {name}={kwargs[name]!r}")
         stem_stride = 4
         stride = stem_stride * 2 ** (len(convnext_depths) - 1) * hybrid_patch_size
         embed = partial(HybridEmbed, depths=tuple(convnext_depths), dims=tuple(convnext_dims),
@@ -158,13 +161,15 @@ class FANHybrid(FAN):
         As ``FAN.forward_intermediates``; ``norm`` applies the final LayerNorm to FAN-block outputs only.
         """
         if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+            raise InvalidArgumentError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         if return_prefix_tokens:
-            raise ValueError("FAN blocks carry no prefix tokens; the class token joins after the last FAN block")
+            raise InvalidArgumentError(
+                "FAN blocks carry no prefix tokens; the class token joins after the last FAN block")
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         n_stem = self.num_stem_stages
         if norm and any(self.feature_info[i]["num_chs"] != self.num_features for i in take_indices if i >= n_stem):
-            raise ValueError("norm=True needs intermediates as wide as the final norm; this model changes width")
+            raise InvalidArgumentError(
+                "norm=True needs intermediates as wide as the final norm; this model changes width")
         self._check_input(x)
         maps = self.patch_embed.backbone.forward_stages(x, min(max_index + 1, n_stem) if intermediates_only else None)
         intermediates = [m if output_fmt == "NCHW" else m.flatten(2).transpose(1, 2)  # (B, C, H, W) or (B, N, C)

@@ -29,6 +29,7 @@ from timm.models import swin_transformer as timm_swin
 from torch import nn
 
 from ravit.checkpoint import use_ravit_loader
+from ravit.errors import InvalidArgumentError
 from ravit.layers import ChannelProcessing
 
 __all__ = ["FANSwin", "FANSwinBlock", "WindowAttention", "checkpoint_filter_fn", "relative_position_index",
@@ -221,7 +222,8 @@ class FANSwin(timm_swin.SwinTransformer):
         if channel_processing is None:
             channel_processing = (True,) * (num_stages - 1) + (False,)
         if not (len(num_heads) == len(channel_processing) == num_stages):
-            raise ValueError(f"depths, num_heads and channel_processing need one entry per stage, got {len(depths)}, "
+            raise InvalidArgumentError(
+                f"depths, num_heads and channel_processing need one entry per stage, got {len(depths)}, "
                              f"{len(num_heads)} and {len(channel_processing)}")
         # timm builds patch embedding, patch merging, norm and head; empty stages avoid building blocks twice.
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
@@ -253,15 +255,16 @@ class FANSwin(timm_swin.SwinTransformer):
         """Raise ``ValueError`` saying what was expected when x is not a usable (B, C, H, W) image batch."""
         name = getattr(self, "pretrained_cfg", {}).get("architecture") or type(self).__name__
         if x.ndim != 4:
-            raise ValueError(f"{name} expects images (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
+            raise InvalidArgumentError(f"{name} expects images (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
         batch, chans, H, W = x.shape
         if chans != self.in_chans:
-            raise ValueError(f"{name} expects {self.in_chans} input channels, got {chans} (input shape "
+            raise InvalidArgumentError(f"{name} expects {self.in_chans} input channels, got {chans} (input shape "
                              f"{tuple(x.shape)})")
         if batch == 0:
-            raise ValueError(f"{name} got an empty batch (input shape {tuple(x.shape)}); pass at least one image")
+            raise InvalidArgumentError(
+                f"{name} got an empty batch (input shape {tuple(x.shape)}); pass at least one image")
         if H % self.stride or W % self.stride:
-            raise ValueError(f"{name} needs height and width divisible by its stride {self.stride} "
+            raise InvalidArgumentError(f"{name} needs height and width divisible by its stride {self.stride} "
                              f"(patch {self.patch_size} × 2^{len(self.layers) - 1} patch merges), got {H}×{W}")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

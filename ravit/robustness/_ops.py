@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ravit.errors import InvalidArgumentError
+
 __all__ = [
     "pad",
     "gaussian_filter",
@@ -72,7 +74,7 @@ def _index(n: int, before: int, after: int, mode: str, device: torch.device) -> 
             return torch.zeros_like(i)
         i = i.remainder(2 * n - 2)
         return torch.where(i >= n, 2 * n - 2 - i, i)
-    raise ValueError(f"unknown border mode {mode!r}; expected 'nearest', 'reflect' or 'mirror'")
+    raise InvalidArgumentError(f"unknown border mode {mode!r}; expected 'nearest', 'reflect' or 'mirror'")
 
 
 def pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int, mode: str) -> torch.Tensor:

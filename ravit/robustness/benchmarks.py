@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ravit.errors import InvalidArgumentError, MissingFileError
 from ravit.robustness.registry import ALL_CORRUPTIONS, SEVERITIES
 
 __all__ = [
@@ -78,27 +79,28 @@ def list_classes(root: str | Path) -> list[str]:
     """Sorted class folder names of an ImageFolder; errors name the folder."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {root}")
+        raise MissingFileError(f"dataset folder not found: {root}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise FileNotFoundError(f"no class folders in {root} (expected <root>/<class>/<image>)")
+        raise MissingFileError(f"no class folders in {root} (expected <root>/<class>/<image>)")
     return classes
 
 
 def imagenet_c_folder(root: str | Path, corruption: str, severity: int) -> Path:
     """``<root>/<corruption>/<severity>``, or a FileNotFoundError naming what is missing."""
     if corruption not in ALL_CORRUPTIONS:
-        raise ValueError(f"unknown corruption {corruption!r}; valid names: {', '.join(ALL_CORRUPTIONS)}")
+        raise InvalidArgumentError(f"unknown corruption {corruption!r}; valid names: {', '.join(ALL_CORRUPTIONS)}")
     if severity not in SEVERITIES:
-        raise ValueError(f"unknown severity {severity!r}; valid severities: {', '.join(map(str, SEVERITIES))}")
+        raise InvalidArgumentError(
+            f"unknown severity {severity!r}; valid severities: {', '.join(map(str, SEVERITIES))}")
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"ImageNet-C folder not found: {root}")
+        raise MissingFileError(f"ImageNet-C folder not found: {root}")
     if not (root / corruption).is_dir():
-        raise FileNotFoundError(f"corruption folder missing: {root / corruption}")
+        raise MissingFileError(f"corruption folder missing: {root / corruption}")
     folder = root / corruption / str(severity)
     if not folder.is_dir():
-        raise FileNotFoundError(f"severity folder missing: {folder}")
+        raise MissingFileError(f"severity folder missing: {folder}")
     return folder
 
 
@@ -107,21 +109,21 @@ def check_classes(classes: list[str], num_classes: int, benchmark: str = "folder
     if benchmark in ("imagenet-a", "imagenet-r"):
         expected = imagenet_a_synsets() if benchmark == "imagenet-a" else imagenet_r_synsets()
         if num_classes != 1000:
-            raise ValueError(f"{benchmark} needs a 1000-class ImageNet model, got {num_classes} classes")
+            raise InvalidArgumentError(f"{benchmark} needs a 1000-class ImageNet model, got {num_classes} classes")
         if tuple(classes) != tuple(sorted(expected)):
             extra = sorted(set(classes) - set(expected))[:5]
             missing = sorted(set(expected) - set(classes))[:5]
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"class folders do not match the 200 {benchmark} wnids ({len(classes)} folders; unexpected "
                 f"{extra or 'none'}; missing {missing or 'none'})"
             )
         return
     if len(classes) != num_classes:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{len(classes)} class folders ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}) but the "
             f"model has {num_classes} classes"
         )
     if num_classes == 1000 and all(c.startswith("n") and len(c) == 9 for c in classes):
         unknown = sorted(set(classes) - set(imagenet_synsets()))[:5]
         if unknown:
-            raise ValueError(f"class folders are not ImageNet-1k wnids: {unknown}")
+            raise InvalidArgumentError(f"class folders are not ImageNet-1k wnids: {unknown}")

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from ravit.errors import InvalidArgumentError
 from ravit.robustness.benchmarks import check_classes, class_mask, imagenet_c_folder, list_classes
 from ravit.robustness.metrics import summarize
 from ravit.robustness.registry import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS, SEVERITIES, check_corruption, corrupt
@@ -296,7 +297,7 @@ def _predict(model: nn.Module, spec: ModelInput, images: torch.Tensor, mask: tor
 def _num_classes(model: nn.Module) -> int:
     n = getattr(model, "num_classes", None)
     if n is None:
-        raise ValueError("the model has no num_classes attribute; cannot check the dataset's classes")
+        raise InvalidArgumentError("the model has no num_classes attribute; cannot check the dataset's classes")
     return int(n)
 
 
@@ -423,7 +424,7 @@ def evaluate_folder(
     """Top-1 on an ImageFolder: 'imagenet-a' / 'imagenet-r' (logits masked to their 200 classes), 'sketch' or any
     'folder' whose classes match the model's."""
     if benchmark not in ("imagenet-a", "imagenet-r", "sketch", "folder"):
-        raise ValueError(f"unknown benchmark {benchmark!r}; valid: imagenet-a, imagenet-r, sketch, folder")
+        raise InvalidArgumentError(f"unknown benchmark {benchmark!r}; valid: imagenet-a, imagenet-r, sketch, folder")
     spec = ModelInput.from_model(model)
     check_classes(list_classes(root), _num_classes(model), benchmark)
     model = model.to(device).eval()

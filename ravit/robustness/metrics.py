@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from ravit.errors import InvalidArgumentError
 from ravit.robustness.registry import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS
 
 __all__ = [
@@ -53,7 +54,7 @@ Accuracy = Mapping[str, Mapping[int, float]]
 def _mean(values: Iterable[float]) -> float:
     values = list(values)
     if not values:
-        raise ValueError("no values to average")
+        raise InvalidArgumentError("no values to average")
     return sum(values) / len(values)
 
 
@@ -73,7 +74,7 @@ def mce(accuracy: Accuracy, baseline: Mapping[str, float] = ALEXNET_ERR) -> floa
     """Mean corruption error over the baseline's corruptions that were evaluated (all 15 for the standard mCE)."""
     ce = corruption_errors(accuracy, baseline)
     if not ce:
-        raise ValueError(f"mCE needs at least one of: {', '.join(baseline)}")
+        raise InvalidArgumentError(f"mCE needs at least one of: {', '.join(baseline)}")
     return _mean(ce.values())
 
 
@@ -91,14 +92,14 @@ def relative_mce(
         if c in accuracy
     ]
     if not rel:
-        raise ValueError(f"relative mCE needs at least one of: {', '.join(baseline)}")
+        raise InvalidArgumentError(f"relative mCE needs at least one of: {', '.join(baseline)}")
     return _mean(rel)
 
 
 def retention(accuracy: Accuracy, clean_accuracy: float) -> dict[str, dict[int, float]]:
     """Corrupted / clean accuracy per corruption and severity."""
     if clean_accuracy <= 0:
-        raise ValueError("retention needs a positive clean accuracy")
+        raise InvalidArgumentError("retention needs a positive clean accuracy")
     return {c: {s: a / clean_accuracy for s, a in sev.items()} for c, sev in accuracy.items()}
 
 

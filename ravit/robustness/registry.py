@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from ravit.errors import InvalidArgumentError
 from ravit.robustness.blur import defocus_blur, gaussian_blur, glass_blur, motion_blur, zoom_blur
 from ravit.robustness.digital import contrast, elastic_transform, jpeg_compression, pixelate, saturate
 from ravit.robustness.noise import gaussian_noise, impulse_noise, shot_noise, speckle_noise
@@ -69,9 +70,10 @@ SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 def check_corruption(name: str, severity: int) -> None:
     """Raise ``ValueError`` listing the valid choices if ``name`` or ``severity`` is not one of them."""
     if name not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {name!r}; valid names: {', '.join(ALL_CORRUPTIONS)}")
+        raise InvalidArgumentError(f"unknown corruption {name!r}; valid names: {', '.join(ALL_CORRUPTIONS)}")
     if isinstance(severity, bool) or not isinstance(severity, int) or severity not in SEVERITIES:
-        raise ValueError(f"unknown severity {severity!r}; valid severities: {', '.join(map(str, SEVERITIES))}")
+        raise InvalidArgumentError(
+            f"unknown severity {severity!r}; valid severities: {', '.join(map(str, SEVERITIES))}")
 
 
 def resolve_corruptions(spec: str | list[str] | None) -> list[str]:
@@ -89,7 +91,7 @@ def resolve_corruptions(spec: str | list[str] | None) -> list[str]:
         elif item in CORRUPTIONS:
             out += [item] if item not in out else []
         else:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"unknown corruption {item!r}; valid names: {', '.join(ALL_CORRUPTIONS)}; "
                 f"groups: {', '.join(groups)}"
             )
@@ -113,14 +115,14 @@ def corrupt(
     check_corruption(name, severity)
     if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] not in (1, 3):
         shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise ValueError(f"expected images of shape (B, C, H, W) with C = 1 or 3, got {shape}")
+        raise InvalidArgumentError(f"expected images of shape (B, C, H, W) with C = 1 or 3, got {shape}")
     if not images.is_floating_point():
-        raise ValueError(f"expected a float tensor in [0, 1], got dtype {images.dtype}")
+        raise InvalidArgumentError(f"expected a float tensor in [0, 1], got dtype {images.dtype}")
     if images.numel() == 0:
         return images.clone()
     lo, hi = images.aminmax()
     if lo < 0 or hi > 1 or torch.isnan(lo) or torch.isnan(hi):
-        raise ValueError(f"images must lie in [0, 1], got values in [{lo.item():.4g}, {hi.item():.4g}]")
+        raise InvalidArgumentError(f"images must lie in [0, 1], got values in [{lo.item():.4g}, {hi.item():.4g}]")
     x = images if images.dtype in (torch.float32, torch.float64) else images.float()
     out = CORRUPTIONS[name](x, severity, generator)
     return out.to(images.dtype)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ravit.errors import InvalidArgumentError
 from ravit.robustness._ops import (
     clipped_zoom,
     gaussian_filter,
@@ -85,7 +86,7 @@ def plasma_fractal(
     w = 100 divided by ``wibbledecay`` per level; the loop runs over the log2(mapsize) levels, not over pixels.
     """
     if mapsize & (mapsize - 1):
-        raise ValueError(f"mapsize must be a power of two, got {mapsize}")
+        raise InvalidArgumentError(f"mapsize must be a power of two, got {mapsize}")
     a = torch.zeros(batch, mapsize, mapsize, dtype=torch.float32, device=device)
     step, wibble = mapsize, 100.0
 

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ravit.errors import InvalidArgumentError, MissingFileError
 from ravit.robustness.registry import ALL_CORRUPTIONS, SEVERITIES, check_corruption, corrupt
 
 __all__ = ["SourceImages", "source_images", "write_c_dataset", "RECIPES"]
@@ -65,7 +66,7 @@ def source_images(data: str, split: str = "test", data_dir: str | None = None, r
     """``'fashion-mnist'`` (the split's images, class folders named after ``ravit.data.CLASSES``) or an
     ImageFolder path (same class folders and file stems as the source)."""
     if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
+        raise InvalidArgumentError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
     if data == "fashion-mnist":
         from ravit.data import CLASSES, load_fashion_mnist
 
@@ -82,7 +83,7 @@ def source_images(data: str, split: str = "test", data_dir: str | None = None, r
 
     root = Path(data)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {root}")
+        raise MissingFileError(f"dataset folder not found: {root}")
     folder = ImageFolder(str(root))
 
     def load_folder(i: int) -> torch.Tensor:
@@ -136,14 +137,14 @@ def write_c_dataset(
     batches being fixed slices of the source order, so the output does not depend on what was already on disk.
     """
     if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
+        raise InvalidArgumentError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
     names = list(corruptions) if corruptions else list(ALL_CORRUPTIONS)
     sevs = list(severities) if severities else list(SEVERITIES)
     for c in names:
         for s in sevs:
             check_corruption(c, s)
     if len(source) == 0:
-        raise ValueError("the source dataset has no images")
+        raise InvalidArgumentError("the source dataset has no images")
     fmt, ext = ("JPEG", ".JPEG") if recipe == "imagenet-c" else ("PNG", ".png")
     out = Path(out)
     batches = [range(i, min(i + batch_size, len(source))) for i in range(0, len(source), batch_size)]

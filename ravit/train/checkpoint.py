@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ravit.errors import InvalidArgumentError, MissingFileError
+
 __all__ = ["atomic_save", "capture_rng", "load_training_checkpoint", "restore_rng"]
 
 
@@ -83,12 +85,12 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict:
     """A checkpoint written by ``ravit train``; ValueError if the file is not one."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a corrupt or foreign file
-        raise ValueError(f"{path} is not a readable checkpoint: {err}") from None
+        raise InvalidArgumentError(f"{path} is not a readable checkpoint: {err}") from None
     required = {"state_dict", "optimizer", "scheduler", "epoch", "config", "rng"}
     if not isinstance(ckpt, dict) or not required <= set(ckpt):
-        raise ValueError(f"{path} is not a ravit training checkpoint (needs keys {sorted(required)})")
+        raise InvalidArgumentError(f"{path} is not a ravit training checkpoint (needs keys {sorted(required)})")
     return ckpt

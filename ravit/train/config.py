@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from ravit.errors import InvalidArgumentError, MissingFileError
+
 __all__ = ["RESUME_SAFE_KEYS", "TrainConfig", "config_fields", "load_config", "parse_value"]
 
 
@@ -87,10 +89,10 @@ def config_fields() -> dict[str, str]:
     return {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 
-def _unknown(key: str, where: str) -> ValueError:
+def _unknown(key: str, where: str) -> InvalidArgumentError:
     close = difflib.get_close_matches(key, config_fields(), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ValueError(f"unknown config key {key!r} in {where}{hint}")
+    return InvalidArgumentError(f"unknown config key {key!r} in {where}{hint}")
 
 
 _LIST_ITEMS = {"list[int]": int, "list[float]": float}
@@ -106,7 +108,7 @@ def parse_value(name: str, value):
     if value is None:
         if optional:
             return None
-        raise ValueError(f"config key {name!r} may not be null")
+        raise InvalidArgumentError(f"config key {name!r} may not be null")
     try:
         if base == "bool":
             if isinstance(value, bool):
@@ -126,7 +128,7 @@ def parse_value(name: str, value):
             raise TypeError
     except (TypeError, ValueError):
         pass
-    raise ValueError(f"config key {name!r} expects {annotation}, got {value!r}")
+    raise InvalidArgumentError(f"config key {name!r} expects {annotation}, got {value!r}")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> TrainConfig:
@@ -135,10 +137,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+            raise MissingFileError(f"config file not found: {path}")
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a config file must be a mapping of keys to values")
+            raise InvalidArgumentError(f"{path}: a config file must be a mapping of keys to values")
         for key, value in loaded.items():
             if key not in config_fields():
                 raise _unknown(key, str(path))
@@ -154,16 +156,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
 
 def _validate(cfg: TrainConfig) -> None:
     if cfg.epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
+        raise InvalidArgumentError(f"epochs must be >= 1, got {cfg.epochs}")
     if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
-        raise ValueError("batch sizes must be >= 1")
+        raise InvalidArgumentError("batch sizes must be >= 1")
     if len(cfg.scale) != 2 or len(cfg.ratio) != 2:
-        raise ValueError("scale and ratio take two numbers each (min max)")
+        raise InvalidArgumentError("scale and ratio take two numbers each (min max)")
     if cfg.amp_dtype not in ("bfloat16", "float16"):
-        raise ValueError(f"amp_dtype must be bfloat16 or float16, got {cfg.amp_dtype!r}")
+        raise InvalidArgumentError(f"amp_dtype must be bfloat16 or float16, got {cfg.amp_dtype!r}")
     if cfg.ats_budget is not None and cfg.ats_blocks is None:
-        raise ValueError("ats_budget needs ats_blocks")
+        raise InvalidArgumentError("ats_budget needs ats_blocks")
     for name in ("train_subset", "val_subset"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise InvalidArgumentError(f"{name} must be >= 1, got {value}")

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import ravit
 from ravit.data import create_dataset, create_transform, dataset_info
+from ravit.errors import InvalidArgumentError
 from ravit.train.checkpoint import atomic_save, capture_rng, load_training_checkpoint, restore_rng
 from ravit.train.config import RESUME_SAFE_KEYS, TrainConfig
 from ravit.train.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
@@ -64,7 +65,7 @@ def build_model(cfg: TrainConfig, img_size: int, in_chans: int, num_classes: int
     for key, value in resolved.items():
         if value is not None:
             if key in kwargs and kwargs[key] != value:
-                raise ValueError(f"{key} is {value} but model_kwargs says {kwargs[key]}")
+                raise InvalidArgumentError(f"{key} is {value} but model_kwargs says {kwargs[key]}")
             kwargs[key] = value
     try:
         return ravit.create_model(cfg.model, pretrained=cfg.pretrained, checkpoint_path=cfg.init_checkpoint, **kwargs)
@@ -89,7 +90,7 @@ def _data(cfg: TrainConfig, dist_info: DistInfo):
     in_chans = cfg.in_chans or cfg.model_kwargs.get("in_chans") or info.in_chans
     img_size = cfg.img_size or cfg.model_kwargs.get("img_size") or info.img_size
     if img_size is None:
-        raise ValueError(f"dataset {cfg.dataset!r} has no native size: set img_size")
+        raise InvalidArgumentError(f"dataset {cfg.dataset!r} has no native size: set img_size")
     crop_pct = cfg.crop_pct if cfg.crop_pct is not None else info.crop_pct
     common = dict(img_size=img_size, in_chans=in_chans, mean=info.mean, std=info.std)
     train_tf = create_transform(
@@ -125,7 +126,8 @@ def _data(cfg: TrainConfig, dist_info: DistInfo):
         pin_memory=dist_info.device.type == "cuda",
     )
     if len(train_loader) == 0:
-        raise ValueError(f"no full batch: {len(sampler)} training images per process < batch_size {cfg.batch_size}")
+        raise InvalidArgumentError(
+            f"no full batch: {len(sampler)} training images per process < batch_size {cfg.batch_size}")
     # Evaluation: rank r takes images r, r+W, ... so every image counts exactly once (no DistributedSampler padding).
     val_indices = list(range(dist_info.rank, len(val_set), dist_info.world_size))
     val_loader = DataLoader(
@@ -290,9 +292,10 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> dict:
         diff = _config_diff(ckpt["config"], cfg)
         if diff:
             details = "; ".join(f"{k}: {ckpt['config'].get(k)!r} -> {getattr(cfg, k, None)!r}" for k in diff)
-            raise ValueError(f"cannot resume {last_path}: it was written with a different config ({details})")
+            raise InvalidArgumentError(f"cannot resume {last_path}: it was written with a different config ({details})")
     elif not cfg.resume and last_path.exists():
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --output")
+        raise InvalidArgumentError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --output")
 
     train_loader, val_loader, (img_size, in_chans, num_classes) = _data(cfg, dist_info)
     seed_everything(cfg.seed)
@@ -336,7 +339,8 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> dict:
             if ema is not None:
                 ema.module.load_state_dict(ckpt["state_dict_ema"])
         except (RuntimeError, KeyError) as err:
-            raise ValueError(f"{last_path} does not fit model {cfg.model!r}: {str(err).splitlines()[0]}") from None
+            raise InvalidArgumentError(
+                f"{last_path} does not fit model {cfg.model!r}: {str(err).splitlines()[0]}") from None
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
