@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
@@ -89,7 +90,11 @@ class FashionMNIST(Dataset):
     classes = CLASSES
 
     def __init__(self, split: str = "train", data_dir: str | os.PathLike | None = None, transform=None):
-        self.images, labels = load_fashion_mnist(split, data_dir)  # (N, 28, 28) uint8, (N,) int64
+        source = "train" if split in HOLDOUT_SPLITS else split
+        self.images, labels = load_fashion_mnist(source, data_dir)  # (N, 28, 28) uint8, (N,) int64
+        if split in HOLDOUT_SPLITS:
+            keep = holdout_indices(len(labels), split)
+            self.images, labels = self.images[keep], labels[keep]
         self.targets = labels.tolist()
         self.transform = transform
 
@@ -103,8 +108,23 @@ class FashionMNIST(Dataset):
         return img, self.targets[index]
 
 
+# A validation set carved out of the training split, so model selection never looks at the test split: 'holdout' is a
+# fixed random 5,000 of the 60,000 training images (permutation seeded with 0, independent of any run's seed) and
+# 'train-holdout' the other 55,000.
+HOLDOUT_SPLITS = ("train-holdout", "holdout")
+HOLDOUT_SIZE = 5000
+
+
+def holdout_indices(num_train: int, split: str) -> torch.Tensor:
+    """Sorted indices into the training split: the held-out images ('holdout') or the rest ('train-holdout')."""
+    order = torch.randperm(num_train, generator=torch.Generator().manual_seed(0))
+    part = order[:HOLDOUT_SIZE] if split == "holdout" else order[HOLDOUT_SIZE:]
+    return part.sort().values
+
+
 # Statistics of the Fashion-MNIST training images (pixel values / 255).
-_FMNIST_INFO = DatasetInfo(in_chans=1, mean=(0.2860,), std=(0.3530,), img_size=28, classes=CLASSES, crop_pct=1.0)
+_FMNIST_INFO = DatasetInfo(in_chans=1, mean=(0.2860,), std=(0.3530,), img_size=28, classes=CLASSES, crop_pct=1.0,
+                           splits=("train", "test") + HOLDOUT_SPLITS)
 
 
 @register_dataset("fashion_mnist", _FMNIST_INFO)
