@@ -1,8 +1,13 @@
-"""``ravit corrupt DATA OUT``: write an ImageNet-C style copy (``OUT/<corruption>/<severity>/<class>/<image>``)."""
+"""``ravit corrupt DATA OUT``: write an ImageNet-C style copy (``OUT/<corruption>/<severity>/<class>/<image>``).
+
+Every argument is checked (corruptions, severities, sizes, device, output folder) before any image is read."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
+from pathlib import Path
 
 from ravit.cli import CLIError
 
@@ -12,7 +17,10 @@ def register(subparsers) -> None:
         "corrupt",
         help="write corrupted copies of a dataset in the ImageNet-C layout",
         description="Write OUT/<corruption>/<severity>/<class>/<image> for an ImageFolder or Fashion-MNIST. "
-        "Interrupted runs resume where they stopped; no half-written files are left.",
+        "Interrupted runs resume where they stopped; no half-written files are left. OUT/ravit-corrupt.json records "
+        "the source, recipe and seed (a rerun with other ones is refused) and each class folder's class name, which "
+        "'ravit robustness' uses to match folders to the model's classes. Each image's corruption depends only on "
+        "the image, its index and --seed (not on --batch-size).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("data", help="ImageFolder path, or 'fashion-mnist'")
@@ -29,7 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto'")
     p.set_defaults(func=run)
 
 
@@ -44,16 +52,42 @@ def parse_severities(text: str) -> list[int]:
     return sevs
 
 
+def check_positive(**flags: int | None) -> None:
+    """``--name`` values that must be >= 1 when given (keyword: the flag with '_' for '-')."""
+    for name, value in flags.items():
+        if value is not None and value < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """Refuse, before any work, an output folder that is a file or lies under one."""
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                where = "is a file" if q == p else f"lies under {q}, which is a file"
+                raise CLIError(f"{flag} {path} {where}; choose a folder")
+            return
+
+
 def run(args) -> int:
+    from ravit.cli._args import resolve_device
     from ravit.robustness import resolve_corruptions
     from ravit.robustness.writer import source_images, write_c_dataset
 
     names = resolve_corruptions(args.corruptions)
     sevs = parse_severities(args.severities)
-    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        raise CLIError("--batch-size and --limit must be positive")
+    check_positive(batch_size=args.batch_size, limit=args.limit)
+    device = resolve_device(args.device)
+    check_output_dir(args.out, "OUT")
     source = source_images(args.data, args.split, args.data_dir, args.recipe).head(args.limit)
-    stats = write_c_dataset(source, args.out, names, sevs, recipe=args.recipe, batch_size=args.batch_size,
-                            seed=args.seed, device=args.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = write_c_dataset(source, args.out, names, sevs, recipe=args.recipe, batch_size=args.batch_size,
+                                seed=args.seed, device=device)
+    for w in caught:
+        print(f"ravit corrupt: warning: {w.message}", file=sys.stderr)
     print(f"wrote {stats['written']} images, skipped {stats['skipped']} already present, under {args.out}")
+    if stats["unreadable"]:
+        print(f"skipped {stats['unreadable']} unreadable source images (named in the warnings above)")
     return 0

@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from ravit.cli import CLIError
-from ravit.cli.corrupt import parse_severities
-from ravit.errors import MissingFileError
+from ravit.cli.corrupt import check_output_dir, check_positive, parse_severities
+from ravit.errors import InvalidArgumentError, MissingFileError
 
 BENCHMARKS = ("corrupt", "imagenet-c", "imagenet-a", "imagenet-r", "sketch", "folder")
 
@@ -20,8 +19,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "robustness",
         help="evaluate a model under corruptions (on the fly or ImageNet-C), ImageNet-A/R/Sketch",
-        description="Accuracy per corruption x severity, mean corruption accuracy (15 and 19), mCE (AlexNet-"
-        "normalised), relative mCE and retention; or top-1 on ImageNet-A/R (200-class masks) and Sketch.",
+        description="Accuracy per corruption x severity, mean corruption accuracy (15 and 19), mCE and relative "
+        "mCE (normalised by --mce-baseline), retention; or top-1 on ImageNet-A/R (200-class masks) and Sketch. "
+        "Class folders are matched to the model's classes by name.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("model", help="model name (ravit or timm)")
@@ -44,7 +44,10 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", default=None, help="'auto' (default: cuda if available, else cpu), 'cpu', 'cuda:N'")
+    p.add_argument("--mce-baseline", default="alexnet",
+                   help="errors an mCE divides by: 'alexnet' (AlexNet's ImageNet-C table, averaged over severities "
+                   "1-5) or another model's robustness.json (per severity)")
     p.add_argument("--out", default="robustness-results")
     p.set_defaults(func=run)
 
@@ -75,6 +78,7 @@ def run(args) -> int:
     import torch
     import torch.distributed as dist
 
+    from ravit.cli._args import resolve_device
     from ravit.robustness import resolve_corruptions
     from ravit.robustness.evaluate import (
         ModelInput,
@@ -83,16 +87,20 @@ def run(args) -> int:
         evaluate_imagenet_c,
         image_dataset,
     )
+    from ravit.robustness.metrics import resolve_baseline
 
     names = resolve_corruptions(args.corruptions)
     sevs = parse_severities(args.severities)
-    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        raise CLIError("--batch-size and --limit must be positive")
+    check_positive(batch_size=args.batch_size, limit=args.limit)
+    if args.workers < 0:
+        raise InvalidArgumentError(f"--workers must be 0 or more, got {args.workers}")
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         raise MissingFileError(f"checkpoint not found: {args.checkpoint}")
     if args.benchmark == "corrupt" and args.data != "fashion-mnist" and not os.path.isdir(args.data):
         raise MissingFileError(f"dataset folder not found: {args.data}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(args.device))
+    check_output_dir(args.out, "--out")
+    baseline = resolve_baseline(args.mce_baseline)
     distributed, device = _init_distributed(device)
     try:
         torch.manual_seed(args.seed)  # every rank builds the same weights when none are loaded
@@ -107,6 +115,7 @@ def run(args) -> int:
         else:
             result = evaluate_folder(model, args.data, args.benchmark, **common)
         result.meta["data"] = args.data
+        result.baseline = baseline
         if not distributed or dist.get_rank() == 0:
             paths = result.save(args.out)
             _print_summary(result)
@@ -122,6 +131,8 @@ def _pct(v) -> str:
 
 
 def _print_summary(result) -> None:
+    from ravit.robustness.metrics import ALEXNET
+
     s = result.summary()
     if not result.counts:
         print(f"{result.benchmark} top-1: {_pct(s['accuracy'])} ({result.clean[1]} images)")
@@ -130,5 +141,15 @@ def _print_summary(result) -> None:
     print(f"mean corruption accuracy (15 std):  {_pct(s['mean_corruption_accuracy_15'])}")
     print(f"mean corruption accuracy (all {len(s['corruptions_in_all'])}):  "
           f"{_pct(s['mean_corruption_accuracy_all'])}")
-    print(f"mCE (AlexNet-normalised, {len(s['corruptions_in_15'])} of 15): {_pct(s['mce'])}")
-    print(f"relative mCE:                       {_pct(s['relative_mce'])}")
+    sevs = ",".join(map(str, s["mce_severities"])) or "none"
+    label = f"{len(s['mce_corruptions'])} of 15 corruptions, severities {sevs}"
+    flag = "" if s["mce_complete"] else "  [INCOMPLETE: not the published metric]"
+    print(f"mCE (baseline {s['mce_baseline']}; {label}): {_pct(s['mce'])}{flag}")
+    print(f"relative mCE (same baseline):       {_pct(s['relative_mce'])}{flag}")
+    notes = list(s["mce_notes"])
+    data = str(result.meta.get("data", ""))
+    if result.baseline in (None, ALEXNET) and "imagenet" not in data.lower():
+        notes.append(f"AlexNet's errors are ImageNet-C's: on {data or 'this data'} the normalisation is nominal "
+                     "(use --mce-baseline with another model's robustness.json)")
+    for note in notes:
+        print(f"  note: {note}")

@@ -1,8 +1,11 @@
 """Dataset registry: Fashion-MNIST (IDX files, no network) and any ImageFolder.
 
 ``create_dataset(name, split, data_dir, transform)`` returns a map-style dataset of ``(transformed PIL image, int
-label)``; ``dataset_info(name)`` gives what a model and a transform need to know (classes, native channels and size,
-normalisation statistics). New datasets register with ``@register_dataset(name, info)``.
+label)`` with a ``classes`` attribute (class names in label order: compare two splits with
+``ravit.data.check_same_classes``); ``dataset_info(name)`` gives what a model and a transform need to know (classes,
+native channels and size, normalisation statistics). New datasets register with ``@register_dataset(name, info)``.
+ImageFolder images are read by ``ravit.data.images.load_rgb``: 16-bit images scaled, not clipped, and an unreadable
+file raises a DataError naming it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from ravit.data.fashion_mnist import CLASSES, load_fashion_mnist
+from ravit.data.images import load_rgb
 from ravit.errors import InvalidArgumentError, MissingFileError
 
 __all__ = [
@@ -137,13 +141,14 @@ def _fashion_mnist(split, data_dir, transform):
     DatasetInfo(in_chans=3, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, splits=("train", "val", "test")),
 )
 def _imagefolder(split, data_dir, transform):
-    """``data_dir/<split>/<class>/<image>`` (torchvision's ImageFolder), e.g. ImageNet's train/ and val/."""
+    """``data_dir/<split>/<class>/<image>`` (torchvision's ImageFolder), e.g. ImageNet's train/ and val/; ``classes``
+    are the sorted class folder names."""
     if data_dir is None:
         raise InvalidArgumentError("dataset 'imagefolder' needs a data_dir holding <split>/<class>/<images>")
     root = Path(data_dir) / split
     if not root.is_dir():
         raise MissingFileError(f"ImageFolder split {split!r} not found: {root} is not a directory")
     try:
-        return ImageFolder(str(root), transform=transform)
+        return ImageFolder(str(root), transform=transform, loader=load_rgb)
     except FileNotFoundError as err:  # torchvision's message for no class folders / no images
         raise InvalidArgumentError(f"ImageFolder {root} is empty: {err}") from None

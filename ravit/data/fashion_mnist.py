@@ -10,12 +10,13 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ravit.errors import InvalidArgumentError, MissingFileError
+from ravit.errors import DataError, InvalidArgumentError, MissingFileError
 
 __all__ = ["CLASSES", "DEFAULT_DIR", "find_fashion_mnist", "load_fashion_mnist", "read_idx"]
 
@@ -29,23 +30,31 @@ _HOW_TO_GET = (
     "install the Debian package ('apt-get install dataset-fashion-mnist'), or pass a folder holding "
     "train/t10k-{images-idx3,labels-idx1}-ubyte[.gz] (also read from $RAVIT_FMNIST_DIR)"
 )
+_REPAIR = "reinstall the dataset ('apt-get install --reinstall dataset-fashion-mnist') or copy the file again"
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """One IDX file (gzipped or not) as a uint8 array: (N, H, W) for images, (N,) for labels."""
+    """One IDX file (gzipped or not) as a uint8 array: (N, H, W) for images, (N,) for labels.
+
+    A truncated, corrupt or non-IDX file raises DataError naming it."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:  # a cut or damaged .gz
+        raise DataError(f"{path}: damaged or truncated gzip file ({err}); {_REPAIR}") from None
     if len(data) < 4:
-        raise InvalidArgumentError(f"{path}: not an IDX file (too short)")
+        raise DataError(f"{path}: not an IDX file (too short); {_REPAIR}")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype_code != 0x08:
-        raise InvalidArgumentError(f"{path}: not a uint8 IDX file (magic {data[:4].hex()})")
+    if zero != 0 or dtype_code != 0x08 or ndim == 0:
+        raise DataError(f"{path}: not a uint8 IDX file (magic {data[:4].hex()}); {_REPAIR}")
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path}: IDX header cut short (truncated); {_REPAIR}")
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
-        raise InvalidArgumentError(f"{path}: header says {shape} but holds {body.size} values (truncated?)")
+        raise DataError(f"{path}: header says {shape} but holds {body.size} values (truncated?); {_REPAIR}")
     return body.reshape(shape)
 
 
@@ -79,5 +88,5 @@ def load_fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None 
     images = read_idx(_locate(folder, image_stem))
     labels = read_idx(_locate(folder, label_stem))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise InvalidArgumentError(f"{folder}: {split} images {images.shape} and labels {labels.shape} do not match")
+        raise DataError(f"{folder}: {split} images {images.shape} and labels {labels.shape} do not match")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))

@@ -8,7 +8,18 @@ from ravit.robustness.evaluate import (
     evaluate_imagenet_c,
     image_dataset,
 )
-from ravit.robustness.metrics import ALEXNET_ERR, mce, mean_accuracy, relative_mce, retention, summarize
+from ravit.robustness.metrics import (
+    ALEXNET,
+    ALEXNET_ERR,
+    Baseline,
+    mce,
+    mce_summary,
+    mean_accuracy,
+    relative_mce,
+    resolve_baseline,
+    retention,
+    summarize,
+)
 from ravit.robustness.registry import (
     ALL_CORRUPTIONS,
     BENCHMARK_CORRUPTIONS,
@@ -18,11 +29,13 @@ from ravit.robustness.registry import (
     SEVERITIES,
     check_corruption,
     corrupt,
+    image_generators,
     resolve_corruptions,
 )
 from ravit.robustness.writer import source_images, write_c_dataset
 
 __all__ = [
+    "ALEXNET",
     "ALEXNET_ERR",
     "ALL_CORRUPTIONS",
     "BENCHMARK_CORRUPTIONS",
@@ -30,6 +43,7 @@ __all__ = [
     "CORRUPTIONS",
     "EXTRA_CORRUPTIONS",
     "SEVERITIES",
+    "Baseline",
     "ModelInput",
     "RobustnessResult",
     "check_corruption",
@@ -38,9 +52,12 @@ __all__ = [
     "evaluate_folder",
     "evaluate_imagenet_c",
     "image_dataset",
+    "image_generators",
     "mce",
+    "mce_summary",
     "mean_accuracy",
     "relative_mce",
+    "resolve_baseline",
     "resolve_corruptions",
     "retention",
     "source_images",

@@ -8,13 +8,16 @@ reproduce those conventions on (B, C, H, W) tensors so each corruption reads lik
   ``mirror`` (dcb|abcd, OpenCV's BORDER_REFLECT_101);
 - ``gaussian_filter`` is scipy's ``gaussian_filter`` (radius ``int(truncate * sigma + 0.5)``), which
   ``skimage.filters.gaussian`` calls;
-- ``rand`` / ``randn`` draw on the generator's device, so a CPU generator gives the same numbers for CPU and CUDA
-  images.
+- ``rand`` / ``randn`` / ``randint`` / ``poisson`` draw on the generator's device, so a CPU generator gives the same
+  numbers for CPU and CUDA images. The generator may also be a sequence with one generator per image: each image's
+  draws (the first dim of the shape) then come from its own generator, so an image's corruption does not depend on
+  the batch it is in.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,30 +39,48 @@ __all__ = [
     "rand",
     "randn",
     "randint",
+    "poisson",
+    "Generators",
 ]
 
-
-def _draw(fn, shape, generator, device, **kwargs) -> torch.Tensor:
-    src = generator.device if generator is not None else device
-    return fn(*shape, generator=generator, device=src, **kwargs).to(device)
+# One generator for the whole batch, or one per image (a sequence as long as the batch); None: torch's global one.
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
-def rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+def _per_image(draw, shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
+    """``draw(shape, gen, src_device)`` once for the batch, or once per image with each image's own generator."""
+    if generator is None or isinstance(generator, torch.Generator):
+        src = generator.device if generator is not None else device
+        return draw(shape, generator, src).to(device)
+    if len(generator) != shape[0]:
+        raise InvalidArgumentError(f"got {len(generator)} generators for a batch of {shape[0]} images")
+    return torch.stack([draw(shape[1:], g, g.device).to(device) for g in generator])
+
+
+def rand(shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
     """Uniform [0, 1) float32 samples drawn on the generator's device, returned on ``device``."""
-    return _draw(torch.rand, shape, generator, device)
+    return _per_image(lambda s, g, d: torch.rand(s, generator=g, device=d), shape, generator, device)
 
 
-def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+def randn(shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
     """Standard normal float32 samples drawn on the generator's device, returned on ``device``."""
-    return _draw(torch.randn, shape, generator, device)
+    return _per_image(lambda s, g, d: torch.randn(s, generator=g, device=d), shape, generator, device)
 
 
-def randint(
-    low: int, high: int, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
-) -> torch.Tensor:
+def randint(low: int, high: int, shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
     """Integers in [low, high) drawn on the generator's device, returned on ``device`` (int64)."""
-    src = generator.device if generator is not None else device
-    return torch.randint(low, high, shape, generator=generator, device=src).to(device)
+    return _per_image(lambda s, g, d: torch.randint(low, high, s, generator=g, device=d), shape, generator, device)
+
+
+def poisson(rate: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Poisson samples (B, ...) of float ``rate`` (B, ...), drawn on the generator's device, returned on the rate's."""
+    if generator is None or isinstance(generator, torch.Generator):
+        src = generator.device if generator is not None else rate.device
+        return torch.poisson(rate.to(src), generator=generator).to(rate.device)
+    if len(generator) != rate.shape[0]:
+        raise InvalidArgumentError(f"got {len(generator)} generators for a batch of {rate.shape[0]} images")
+    draws = [torch.poisson(r.to(g.device), generator=g).to(rate.device) for r, g in zip(rate, generator, strict=True)]
+    return torch.stack(draws)
 
 
 def _index(n: int, before: int, after: int, mode: str, device: torch.device) -> torch.Tensor:
@@ -160,9 +181,15 @@ def fft_filter(xp: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     hp, wp = xp.shape[-2:]
     k = kernel.shape[-1]
     fh, fw = _fft_size(hp), _fft_size(wp)
-    spec = torch.fft.rfft2(xp.float(), s=(fh, fw)) * torch.fft.rfft2(kernel.float(), s=(fh, fw))
-    out = torch.fft.irfft2(spec, s=(fh, fw))
-    return out[..., k - 1 : hp, k - 1 : wp].to(xp.dtype)
+    # One image at a time: a batched FFT rounds differently from a single one (SIMD over the batch), and an image's
+    # result must not depend on its batch. On CPU this is no slower.
+    shared = torch.fft.rfft2(kernel.float(), s=(fh, fw)) if kernel.shape[0] == 1 else None  # (1, 1, fh, fw/2+1)
+    out = []
+    for i in range(xp.shape[0]):
+        kernel_f = shared if shared is not None else torch.fft.rfft2(kernel[i : i + 1].float(), s=(fh, fw))
+        spec = torch.fft.rfft2(xp[i : i + 1].float(), s=(fh, fw)) * kernel_f
+        out.append(torch.fft.irfft2(spec, s=(fh, fw))[..., k - 1 : hp, k - 1 : wp])
+    return torch.cat(out).to(xp.dtype)
 
 
 def clipped_zoom(x: torch.Tensor, zoom: float) -> torch.Tensor:
@@ -209,14 +236,17 @@ def motion_taps(
 def shift_accumulate(x: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``sum_t weights[b, t] * x[b]`` shifted by ``offsets[b, t] = (dy, dx)`` with edge replication.
 
-    The per-image sparse kernel is applied as one FFT convolution of the edge-padded batch: the taps differ per
+    The per-image sparse kernel is applied as an FFT convolution of each edge-padded image: the taps differ per
     image, so a dense ``conv2d`` would need one (up to 81 x 81) kernel per image.
     """
-    b = x.shape[0]
-    p = int(offsets.abs().max().item()) if offsets.numel() else 0
+    b, t = offsets.shape[:2]
+    # Pad by the largest shift any image could get (T - 1 taps away, less than the image), not the largest drawn in
+    # this batch: the FFT size, hence each image's rounding, must not depend on the other images of the batch.
+    p = min(t - 1, max(x.shape[-2:]) - 1) if t else 0
     size = 2 * p + 1
     kernel = torch.zeros(b, size * size, dtype=torch.float32, device=x.device)
-    flat = (offsets[..., 0] + p) * size + (offsets[..., 1] + p)  # (B, T)
+    off = offsets.clamp(-p, p)  # taps shifted out of the image carry weight 0 (see ``motion_taps``)
+    flat = (off[..., 0] + p) * size + (off[..., 1] + p)  # (B, T)
     kernel.scatter_add_(1, flat, weights)
     # Convolution kernel: weight of shift d at (p + d); output (y, x) reads xp[y + p - dy, x + p - dx] = x[y - d].
     return fft_filter(pad(x, p, p, p, p, "nearest"), kernel.view(b, 1, size, size)).to(x.dtype)

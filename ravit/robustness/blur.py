@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ravit.robustness._ops import (
+    Generators,
     clipped_zoom,
     fft_filter,
     gaussian_filter,
@@ -47,7 +48,7 @@ def _disk(radius: int, alias_blur: float, device: torch.device) -> torch.Tensor:
     return out[0, 0]
 
 
-def defocus_blur(x: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def defocus_blur(x: torch.Tensor, severity: int = 1, generator: Generators = None) -> torch.Tensor:
     radius, alias_blur = BLUR_PARAMS["defocus_blur"][severity - 1]
     kernel = _disk(radius, alias_blur, x.device)
     r = kernel.shape[-1] // 2
@@ -55,7 +56,7 @@ def defocus_blur(x: torch.Tensor, severity: int = 1, generator: torch.Generator 
     return fft_filter(xp, kernel[None, None]).clamp(0, 1).to(x.dtype)
 
 
-def _shuffle_once(img: torch.Tensor, delta: int, generator: torch.Generator | None) -> torch.Tensor:
+def _shuffle_once(img: torch.Tensor, delta: int, generator: Generators) -> torch.Tensor:
     """One pass of the reference's local pixel shuffle, in parallel.
 
     The reference visits (h, w) for h = H - delta .. delta + 1 and w = W - delta .. delta + 1 in reverse raster order
@@ -85,7 +86,7 @@ def _shuffle_once(img: torch.Tensor, delta: int, generator: torch.Generator | No
     return torch.gather(img.reshape(b, c, n), 2, idx).reshape(b, c, h, w)
 
 
-def glass_blur(x: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def glass_blur(x: torch.Tensor, severity: int = 1, generator: Generators = None) -> torch.Tensor:
     sigma, delta, iterations = BLUR_PARAMS["glass_blur"][severity - 1]
     y = torch.floor(gaussian_filter(x, sigma) * 255) / 255  # the reference rounds down to uint8 here
     for _ in range(iterations):
@@ -93,14 +94,14 @@ def glass_blur(x: torch.Tensor, severity: int = 1, generator: torch.Generator | 
     return gaussian_filter(y, sigma).clamp(0, 1)
 
 
-def motion_blur(x: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def motion_blur(x: torch.Tensor, severity: int = 1, generator: Generators = None) -> torch.Tensor:
     radius, sigma = BLUR_PARAMS["motion_blur"][severity - 1]
     angle = rand((x.shape[0],), generator, x.device) * 90 - 45  # (B,)
     offsets, weights = motion_taps(angle, radius, sigma, x.shape[-2:])
     return shift_accumulate(x, offsets, weights).clamp(0, 1)
 
 
-def zoom_blur(x: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def zoom_blur(x: torch.Tensor, severity: int = 1, generator: Generators = None) -> torch.Tensor:
     count, step = BLUR_PARAMS["zoom_blur"][severity - 1]
     out = x.clone()
     for i in range(count):
@@ -108,6 +109,6 @@ def zoom_blur(x: torch.Tensor, severity: int = 1, generator: torch.Generator | N
     return (out / (count + 1)).clamp(0, 1)
 
 
-def gaussian_blur(x: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, severity: int = 1, generator: Generators = None) -> torch.Tensor:
     sigma = BLUR_PARAMS["gaussian_blur"][severity - 1]
     return gaussian_filter(x, sigma).clamp(0, 1)

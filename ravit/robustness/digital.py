@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ravit.robustness._ops import gaussian_filter, hsv_to_rgb, luma, rand, rgb_to_hsv
+from ravit.robustness._ops import Generators, gaussian_filter, hsv_to_rgb, luma, rand, rgb_to_hsv
 
 __all__ = ["contrast", "elastic_transform", "pixelate", "jpeg_compression", "saturate", "DIGITAL_PARAMS"]
 
@@ -29,13 +29,13 @@ DIGITAL_PARAMS = {
 }
 
 
-def contrast(x: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def contrast(x: torch.Tensor, severity: int = 1, generator: Generators = None) -> torch.Tensor:
     c = DIGITAL_PARAMS["contrast"][severity - 1]
     mean = x.mean((2, 3), keepdim=True)  # (B, C, 1, 1)
     return ((x - mean) * c + mean).clamp(0, 1)
 
 
-def elastic_transform(x: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def elastic_transform(x: torch.Tensor, severity: int = 1, generator: Generators = None) -> torch.Tensor:
     alpha = DIGITAL_PARAMS["elastic_transform"][severity - 1]
     b, c, h, w = x.shape
     sigma = (h * 0.01, w * 0.01)
@@ -63,7 +63,7 @@ def _box_ranges(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tens
     return lo, lo + inside.sum(1)
 
 
-def pixelate(x: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def pixelate(x: torch.Tensor, severity: int = 1, generator: Generators = None) -> torch.Tensor:
     c = DIGITAL_PARAMS["pixelate"][severity - 1]
     h, w = x.shape[-2:]
     sh, sw = max(int(h * c), 1), max(int(w * c), 1)
@@ -77,7 +77,7 @@ def pixelate(x: torch.Tensor, severity: int = 1, generator: torch.Generator | No
     return F.interpolate(small, size=(h, w), mode="nearest-exact").clamp(0, 1).to(x.dtype)
 
 
-def jpeg_compression(x: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def jpeg_compression(x: torch.Tensor, severity: int = 1, generator: Generators = None) -> torch.Tensor:
     # A real codec rather than our own DCT: the reference saves with Pillow (libjpeg), so the same 8-bit output comes
     # from the same library. On CPU Pillow per image is fastest (libjpeg-turbo, ~0.5 ms at 224^2); on CUDA the
     # batch goes through torchvision's nvJPEG encoder and decoder without leaving the GPU for pixels.
@@ -105,7 +105,7 @@ def jpeg_compression(x: torch.Tensor, severity: int = 1, generator: torch.Genera
     return torch.from_numpy(out).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255
 
 
-def saturate(x: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def saturate(x: torch.Tensor, severity: int = 1, generator: Generators = None) -> torch.Tensor:
     scale, shift = DIGITAL_PARAMS["saturate"][severity - 1]
     rgb = x.float().expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.float()
     hsv = rgb_to_hsv(rgb)

@@ -4,7 +4,12 @@ ImageNet-A / -R (200-class logit masks) and ImageNet-Sketch.
 Protocol (FAN ``validate_ood.py``; Hendrycks & Dietterich, ICLR 2019): images are resized and centre-cropped to
 the model's input size (its timm data config), corrupted in [0, 1] pixel space, then normalised with the model's
 mean / std. Under ``torchrun`` each rank scores a disjoint shard and the correct / total counts are summed once at
-the end; only rank 0 should write results.
+the end; only rank 0 should write results. On-the-fly corruptions are seeded per image (seed, dataset index,
+corruption, severity), so counts do not depend on the batch size or the number of ranks.
+
+Class folders are mapped to the model's classes by name (``ravit.data.classes``: the model's ``label_names`` or
+ImageNet wnids, and the class map ``ravit corrupt`` writes), never by alphabetical position; ImageNet-A/-R keep
+their sorted 200 wnids, which line up with the ascending logit mask.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import csv
 import io
 import json
 import os
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +27,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from ravit.errors import InvalidArgumentError
+from ravit.data.classes import label_map, read_class_map
+from ravit.data.images import load_rgb
+from ravit.errors import InvalidArgumentError, MissingFileError
 from ravit.robustness.benchmarks import check_classes, class_mask, imagenet_c_folder, list_classes
-from ravit.robustness.metrics import summarize
-from ravit.robustness.registry import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS, SEVERITIES, check_corruption, corrupt
+from ravit.robustness.metrics import Baseline, summarize
+from ravit.robustness.registry import (
+    ALL_CORRUPTIONS,
+    BENCHMARK_CORRUPTIONS,
+    SEVERITIES,
+    check_corruption,
+    corrupt,
+    image_generators,
+)
 
 __all__ = [
     "RobustnessResult",
@@ -102,9 +116,33 @@ class _FashionMNIST(Dataset):
         return x, int(self.labels[i])
 
 
-def _folder(root: str | Path, spec: ModelInput) -> Dataset:
+class _Relabeled(Dataset):
+    """``dataset`` with each label ``y`` replaced by ``labels[y]`` (dataset order -> the model's class index)."""
+
+    def __init__(self, dataset: Dataset, labels: list[int]):
+        self.dataset, self.labels = dataset, labels
+        self.classes = getattr(dataset, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x, y = self.dataset[i]
+        return x, self.labels[y]
+
+
+class _ClassFolder(ImageFolder):
+    """torchvision's ImageFolder with the class folders of ``list_classes`` (hidden folders are not classes), so
+    its label k is the k-th name that ``list_classes`` and the label maps see."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = list_classes(directory)
+        return classes, {c: i for i, c in enumerate(classes)}
+
+
+def _folder(root: str | Path, spec: ModelInput, labels: list[int] | None = None) -> Dataset:
+    """An ImageFolder at the model's input size; ``labels`` maps its sorted class index to the model's."""
     from torchvision import transforms
-    from torchvision.datasets import ImageFolder
 
     interp = transforms.InterpolationMode(spec.interpolation if spec.interpolation != "random" else "bicubic")
     resize = tuple(int(s / spec.crop_pct) for s in spec.size)
@@ -115,13 +153,18 @@ def _folder(root: str | Path, spec: ModelInput) -> Dataset:
             transforms.ToTensor(),
         ]
     )
-    return ImageFolder(str(root), transform=tf)
+    target = None if labels is None or labels == list(range(len(labels))) else labels.__getitem__
+    try:
+        return _ClassFolder(str(root), transform=tf, target_transform=target, loader=load_rgb)
+    except FileNotFoundError as err:  # torchvision's message for class folders without images
+        raise MissingFileError(f"no images in {root} (expected <root>/<class>/<image>): {err}") from None
 
 
 def image_dataset(data: str, spec: ModelInput, split: str = "test", data_dir: str | None = None) -> Dataset:
     """``'fashion-mnist'`` or an ImageFolder path, as (C, H, W) float in [0, 1] at the model's input size.
 
-    The dataset has a ``classes`` attribute (sorted class folder names for an ImageFolder)."""
+    The dataset has a ``classes`` attribute (sorted class folder names for an ImageFolder, whose labels are
+    mapped to the model's classes by name in ``evaluate_corruptions``)."""
     if data == "fashion-mnist":
         return _FashionMNIST(split, data_dir, spec.size)
     list_classes(data)
@@ -149,10 +192,6 @@ def _gather(counts: torch.Tensor) -> torch.Tensor:
     return counts.cpu()
 
 
-def _seed(*parts: object) -> int:
-    return zlib.crc32(repr(parts).encode())
-
-
 @dataclass
 class RobustnessResult:
     """Counts and accuracies of one robustness evaluation; ``summary()`` adds mCE, means and retention."""
@@ -162,6 +201,7 @@ class RobustnessResult:
     clean: tuple[int, int] | None = None  # (correct, total)
     counts: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
     meta: dict[str, object] = field(default_factory=dict)
+    baseline: Baseline | None = None  # the mCE baseline (None: AlexNet's ImageNet-C errors)
 
     @property
     def clean_accuracy(self) -> float | None:
@@ -174,7 +214,7 @@ class RobustnessResult:
     def summary(self) -> dict[str, object]:
         if not self.counts:
             return {"accuracy": self.clean_accuracy}
-        return summarize(self.accuracy, self.clean_accuracy)
+        return summarize(self.accuracy, self.clean_accuracy, self.baseline)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -301,9 +341,31 @@ def _num_classes(model: nn.Module) -> int:
     return int(n)
 
 
+def _check_run(batch_size: int, limit: int | None, workers: int) -> None:
+    for flag, value, low in (("batch_size", batch_size, 1), ("limit", limit, 1), ("workers", workers, 0)):
+        if value is None and flag == "limit":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InvalidArgumentError(f"{flag} must be an integer >= {low}, got {value!r}")
+
+
+def _labels(dataset: Dataset, model: nn.Module) -> Dataset:
+    """``dataset`` with labels in the model's class order, matched by class name (see ``ravit.data.classes``)."""
+    classes = getattr(dataset, "classes", None)
+    if classes is None:
+        return dataset
+    folder = isinstance(dataset, ImageFolder)
+    where = dataset.root if folder else type(dataset).__name__
+    labels = label_map(list(classes), model, read_class_map(dataset.root) if folder else None, str(where),
+                       ordered=not folder)
+    return dataset if labels == list(range(len(classes))) else _Relabeled(dataset, labels)
+
+
 def _conditions(corruptions: Iterable[str] | None, severities: Iterable[int] | None) -> list[tuple[str, int]]:
-    names = list(corruptions) if corruptions else list(ALL_CORRUPTIONS)
-    sevs = list(severities) if severities else list(SEVERITIES)
+    names = list(ALL_CORRUPTIONS) if corruptions is None else list(corruptions)
+    sevs = list(SEVERITIES) if severities is None else list(severities)
+    if not names or not sevs:
+        raise InvalidArgumentError("no corruption or no severity to evaluate (None means all)")
     for c in names:
         for s in sevs:
             check_corruption(c, s)
@@ -326,24 +388,28 @@ def evaluate_corruptions(
 ) -> RobustnessResult:
     """Clean accuracy and accuracy under each (corruption, severity), corrupting ``dataset`` on the fly.
 
-    ``dataset`` yields ((C, H, W) float in [0, 1], label) at the model's input size (see ``image_dataset``). The
-    corruption of each batch is seeded from (seed, rank, batch, corruption, severity), so a run is reproducible.
+    ``dataset`` yields ((C, H, W) float in [0, 1], label) at the model's input size (see ``image_dataset``); its
+    ``classes`` are matched to the model's by name. Each image's corruption is seeded from (seed, its index in
+    ``dataset``, corruption, severity) with a generator on ``device``, so counts do not depend on the batch size or
+    the number of ranks.
     """
     conds = _conditions(corruptions, severities)
+    _check_run(batch_size, limit, workers)
     spec = ModelInput.from_model(model)
-    classes = getattr(dataset, "classes", None)
-    if classes is not None:
-        check_classes(list(classes), _num_classes(model))
+    _num_classes(model)
+    dataset = _labels(dataset, model)
     rank, _ = _rank_world()
     model = model.to(device).eval()
     counts = torch.zeros(len(conds) + 1, 2, dtype=torch.long)  # row 0: clean
-    loader = _loader(_shard(dataset, limit), batch_size, workers)
+    shard = _shard(dataset, limit)
+    loader = _loader(shard, batch_size, workers)
     for b, (images, labels) in enumerate(tqdm(loader, desc="robustness", disable=not progress or rank != 0)):
         images, labels = images.to(device), labels.to(device)
+        index = shard.indices[b * batch_size : b * batch_size + len(labels)]  # positions in ``dataset``
         counts[0] += torch.tensor([int((_predict(model, spec, images, None) == labels).sum()), len(labels)])
         for i, (c, s) in enumerate(conds, start=1):
-            gen = torch.Generator(device=images.device).manual_seed(_seed(seed, rank, b, c, s))
-            pred = _predict(model, spec, corrupt(images, c, s, gen), None)
+            gens = image_generators(seed, index, c, s, images.device)
+            pred = _predict(model, spec, corrupt(images, c, s, gens), None)
             counts[i] += torch.tensor([int((pred == labels).sum()), len(labels)])
     counts = _gather(counts)
     result = RobustnessResult(name, "corrupt", (int(counts[0, 0]), int(counts[0, 1])))
@@ -367,6 +433,11 @@ def _score_folder(
     return torch.tensor([correct, total])
 
 
+def _folder_labels(root: str | os.PathLike, model: nn.Module) -> list[int]:
+    """The model's class index of each sorted class folder of ``root``, matched by name."""
+    return label_map(list_classes(root), model, read_class_map(root), str(root))
+
+
 def evaluate_imagenet_c(
     model: nn.Module,
     root: str | os.PathLike,
@@ -384,21 +455,21 @@ def evaluate_imagenet_c(
     """Accuracy on ``<root>/<corruption>/<severity>/`` ImageFolders (all 19 x 5 by default), plus clean accuracy on
     ``clean_root`` if given. Every folder is checked before any is scored, so a missing one fails fast."""
     conds = _conditions(corruptions, severities)
+    _check_run(batch_size, limit, workers)
     folders = [imagenet_c_folder(root, c, s) for c, s in conds]
     spec = ModelInput.from_model(model)
-    n_cls = _num_classes(model)
-    for folder in folders:
-        check_classes(list_classes(folder), n_cls)
+    _num_classes(model)
+    labels = [_folder_labels(folder, model) for folder in folders]
+    clean_labels = None if clean_root is None else _folder_labels(clean_root, model)
     model = model.to(device).eval()
     counts = torch.zeros(len(conds) + 1, 2, dtype=torch.long)
     if clean_root is not None:
-        check_classes(list_classes(clean_root), n_cls)
-        counts[0] = _score_folder(model, _folder(clean_root, spec), spec, None, batch_size, limit, device, workers,
-                                  "clean", progress)
+        counts[0] = _score_folder(model, _folder(clean_root, spec, clean_labels), spec, None, batch_size, limit,
+                                  device, workers, "clean", progress)
     rank, _ = _rank_world()
-    for i, ((c, s), folder) in enumerate(tqdm(list(zip(conds, folders, strict=True)), desc="imagenet-c",
-                                              disable=not progress or rank != 0), start=1):
-        counts[i] = _score_folder(model, _folder(folder, spec), spec, None, batch_size, limit, device, workers,
+    for i, ((c, s), folder, lab) in enumerate(tqdm(list(zip(conds, folders, labels, strict=True)),
+                                                   desc="imagenet-c", disable=not progress or rank != 0), start=1):
+        counts[i] = _score_folder(model, _folder(folder, spec, lab), spec, None, batch_size, limit, device, workers,
                                   f"{c}/{s}", progress)
     counts = _gather(counts)
     clean = (int(counts[0, 0]), int(counts[0, 1])) if clean_root is not None else None
@@ -425,10 +496,16 @@ def evaluate_folder(
     'folder' whose classes match the model's."""
     if benchmark not in ("imagenet-a", "imagenet-r", "sketch", "folder"):
         raise InvalidArgumentError(f"unknown benchmark {benchmark!r}; valid: imagenet-a, imagenet-r, sketch, folder")
+    _check_run(batch_size, limit, workers)
     spec = ModelInput.from_model(model)
-    check_classes(list_classes(root), _num_classes(model), benchmark)
+    if benchmark in ("imagenet-a", "imagenet-r"):  # sorted wnids = ascending indices of the 200-logit mask
+        check_classes(list_classes(root), _num_classes(model), benchmark)
+        labels = None
+    else:
+        _num_classes(model)
+        labels = _folder_labels(root, model)
     model = model.to(device).eval()
-    counts = _gather(_score_folder(model, _folder(root, spec), spec, class_mask(benchmark), batch_size, limit,
+    counts = _gather(_score_folder(model, _folder(root, spec, labels), spec, class_mask(benchmark), batch_size, limit,
                                    device, workers, benchmark, progress)[None])
     result = RobustnessResult(name, benchmark, (int(counts[0, 0]), int(counts[0, 1])))
     result.meta.update(root=str(root), limit=limit, masked_classes=benchmark in ("imagenet-a", "imagenet-r"))

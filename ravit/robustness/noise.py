@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ravit.robustness._ops import rand, randn
+from ravit.robustness._ops import Generators, poisson, rand, randn
 
 __all__ = ["gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "NOISE_PARAMS"]
 
@@ -21,19 +21,17 @@ NOISE_PARAMS = {
 }
 
 
-def gaussian_noise(x: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def gaussian_noise(x: torch.Tensor, severity: int = 1, generator: Generators = None) -> torch.Tensor:
     c = NOISE_PARAMS["gaussian_noise"][severity - 1]
     return (x + c * randn(x.shape, generator, x.device).to(x.dtype)).clamp(0, 1)
 
 
-def shot_noise(x: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def shot_noise(x: torch.Tensor, severity: int = 1, generator: Generators = None) -> torch.Tensor:
     c = NOISE_PARAMS["shot_noise"][severity - 1]
-    src = generator.device if generator is not None else x.device
-    rate = (x.float() * c).to(src)
-    return (torch.poisson(rate, generator=generator).to(x.device, x.dtype) / c).clamp(0, 1)
+    return (poisson(x.float() * c, generator).to(x.dtype) / c).clamp(0, 1)
 
 
-def impulse_noise(x: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def impulse_noise(x: torch.Tensor, severity: int = 1, generator: Generators = None) -> torch.Tensor:
     # skimage.util.random_noise(mode='s&p'): a fraction c of the values flips, each to 1 or 0 with equal odds.
     c = NOISE_PARAMS["impulse_noise"][severity - 1]
     flip = rand(x.shape, generator, x.device) < c
@@ -41,6 +39,6 @@ def impulse_noise(x: torch.Tensor, severity: int = 1, generator: torch.Generator
     return torch.where(flip, salt.to(x.dtype), x)
 
 
-def speckle_noise(x: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def speckle_noise(x: torch.Tensor, severity: int = 1, generator: Generators = None) -> torch.Tensor:
     c = NOISE_PARAMS["speckle_noise"][severity - 1]
     return (x + x * c * randn(x.shape, generator, x.device).to(x.dtype)).clamp(0, 1)

@@ -7,11 +7,13 @@ download are these names.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Iterable
 
 import torch
 
 from ravit.errors import InvalidArgumentError
+from ravit.robustness._ops import Generators
 from ravit.robustness.blur import defocus_blur, gaussian_blur, glass_blur, motion_blur, zoom_blur
 from ravit.robustness.digital import contrast, elastic_transform, jpeg_compression, pixelate, saturate
 from ravit.robustness.noise import gaussian_noise, impulse_noise, shot_noise, speckle_noise
@@ -27,9 +29,10 @@ __all__ = [
     "corrupt",
     "check_corruption",
     "resolve_corruptions",
+    "image_generators",
 ]
 
-Corruption = Callable[[torch.Tensor, int, "torch.Generator | None"], torch.Tensor]
+Corruption = Callable[[torch.Tensor, int, Generators], torch.Tensor]
 
 CORRUPTIONS: dict[str, Corruption] = {
     f.__name__: f
@@ -78,7 +81,8 @@ def check_corruption(name: str, severity: int) -> None:
 
 def resolve_corruptions(spec: str | list[str] | None) -> list[str]:
     """Names from a list or comma-separated string of names and groups: 'all' (19), 'benchmark' (15), 'extra' (4),
-    or a family ('noise', 'blur', 'weather', 'digital'). ``None`` means all 19."""
+    or a family ('noise', 'blur', 'weather', 'digital'). ``None`` means all 19; a spec naming nothing (``''``,
+    ``','``) is an error, never "all"."""
     if spec is None:
         return list(ALL_CORRUPTIONS)
     items = spec.split(",") if isinstance(spec, str) else [p for s in spec for p in s.split(",")]
@@ -95,19 +99,39 @@ def resolve_corruptions(spec: str | list[str] | None) -> list[str]:
                 f"unknown corruption {item!r}; valid names: {', '.join(ALL_CORRUPTIONS)}; "
                 f"groups: {', '.join(groups)}"
             )
+    if not out:
+        raise InvalidArgumentError(
+            f"no corruption named in {spec!r}; give names or groups (all, benchmark, extra, noise, blur, weather, "
+            "digital)"
+        )
     return out
 
 
-def corrupt(
-    images: torch.Tensor, name: str, severity: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def image_generators(
+    seed: int, indices: Iterable[int], name: str, severity: int, device: str | torch.device = "cpu"
+) -> list[torch.Generator]:
+    """One generator per image, seeded from (seed, image index in the dataset, corruption, severity).
+
+    Passed to ``corrupt``, they make each image's corruption a function of the image, its index and the seed only:
+    the same whatever the batch size, the batch the image falls in or the number of processes sharing the data.
+    """
+    out = []
+    for i in indices:
+        digest = hashlib.blake2b(repr((int(seed), int(i), name, int(severity))).encode(), digest_size=8).digest()
+        out.append(torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1))
+    return out
+
+
+def corrupt(images: torch.Tensor, name: str, severity: int, generator: Generators = None) -> torch.Tensor:
     """Apply ImageNet-C corruption ``name`` at ``severity`` (1-5) to a batch.
 
     Args:
         images: float tensor (B, C, H, W) with C in {1, 3} and values in [0, 1], on any device; any H, W.
         name: one of ``ALL_CORRUPTIONS``.
         severity: 1 to 5, with the published ImageNet-C parameters.
-        generator: the only source of randomness; the same seed gives the same output.
+        generator: the only source of randomness; the same seed gives the same output. One generator draws for the
+            whole batch (so an image's result depends on its batch); a sequence of B generators, one per image (see
+            ``image_generators``), draws each image's randomness from its own, batch-independent generator.
 
     Returns:
         The corrupted batch: same shape, dtype and device, values in [0, 1].

@@ -29,6 +29,7 @@ from PIL import Image
 
 from ravit.errors import InvalidArgumentError
 from ravit.robustness._ops import (
+    Generators,
     clipped_zoom,
     gaussian_filter,
     luma,
@@ -78,7 +79,7 @@ def _like(rgb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def plasma_fractal(
-    batch: int, mapsize: int, wibbledecay: float, generator: torch.Generator | None, device: torch.device
+    batch: int, mapsize: int, wibbledecay: float, generator: Generators, device: torch.device
 ) -> torch.Tensor:
     """(B, mapsize, mapsize) diamond-square height maps in [0, 1], as the reference's ``plasma_fractal``.
 
@@ -106,10 +107,10 @@ def plasma_fractal(
         step //= 2
         wibble /= wibbledecay
     a = a - a.amin((1, 2), keepdim=True)
-    return a / a.amax((1, 2), keepdim=True)
+    return a / a.amax((1, 2), keepdim=True).clamp(min=1e-12)  # a constant map (mapsize 1) is all zeros, not NaN
 
 
-def snow(x: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def snow(x: torch.Tensor, severity: int = 1, generator: Generators = None) -> torch.Tensor:
     mean, std, zoom, threshold, radius, sigma, keep = WEATHER_PARAMS["snow"][severity - 1]
     b, _, h, w = x.shape
     layer = randn((b, 1, h, w), generator, x.device) * std + mean  # (B, 1, H, W)
@@ -190,7 +191,7 @@ def _scaled_texture(index: int, h: int, w: int) -> torch.Tensor:
     return F.interpolate(tex[None], size=size, mode="bicubic", align_corners=False)[0].clamp(0, 1)
 
 
-def frost(x: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def frost(x: torch.Tensor, severity: int = 1, generator: Generators = None) -> torch.Tensor:
     image_weight, frost_weight = WEATHER_PARAMS["frost"][severity - 1]
     b, _, h, w = x.shape
     which = randint(0, len(FROST_FILES), (b,), generator, x.device)
@@ -210,17 +211,17 @@ def frost(x: torch.Tensor, severity: int = 1, generator: torch.Generator | None 
     return out.clamp(0, 1).to(x.dtype)
 
 
-def fog(x: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def fog(x: torch.Tensor, severity: int = 1, generator: Generators = None) -> torch.Tensor:
     strength, decay = WEATHER_PARAMS["fog"][severity - 1]
     b, _, h, w = x.shape
-    mapsize = 1 << max(max(h, w) - 1, 0).bit_length()
+    mapsize = 1 << (max(h, w, 2) - 1).bit_length()  # at least 2 x 2, so a 1 x 1 image gets random fog too
     haze = plasma_fractal(b, mapsize, decay, generator, x.device)[:, None, :h, :w]  # (B, 1, H, W)
     peak = x.float().amax((1, 2, 3), keepdim=True)
     out = (x.float() + strength * haze) * peak / (peak + strength)
     return out.clamp(0, 1).to(x.dtype)
 
 
-def brightness(x: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def brightness(x: torch.Tensor, severity: int = 1, generator: Generators = None) -> torch.Tensor:
     # Adding c to HSV value keeps hue and saturation: every channel scales by v' / v (a black pixel becomes grey v').
     c = WEATHER_PARAMS["brightness"][severity - 1]
     v = x.amax(1, keepdim=True)
@@ -329,7 +330,7 @@ def _water_texture(liquid: torch.Tensor) -> torch.Tensor:
     return torch.round(_box3(dist))
 
 
-def spatter(x: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def spatter(x: torch.Tensor, severity: int = 1, generator: Generators = None) -> torch.Tensor:
     mean, std, sigma, threshold, intensity, mud = WEATHER_PARAMS["spatter"][severity - 1]
     b, _, h, w = x.shape
     liquid = gaussian_filter(randn((b, 1, h, w), generator, x.device) * std + mean, sigma)
