@@ -41,12 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: UserError) -> str:
+    """The user's message; a DataLoader worker wraps it in its traceback ("Caught X in DataLoader worker ..."), whose
+    last line is the original message."""
+    text = str(err)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        print(f"ravit {args.command}: error: {err}", file=sys.stderr)
+        print(f"ravit {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except OSError as err:
         if not isinstance(err, _USER_OS_ERRORS) and err.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):

@@ -1,0 +1,70 @@
+"""The CLI's error contract: a user's mistake is one line and exit code 2; a bug keeps its traceback."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import ravit.cli
+from ravit.errors import DataError, InvalidArgumentError, MissingFileError
+
+
+def _parser_raising(exc: BaseException) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ravit")
+    sub = parser.add_subparsers(dest="command")
+    cmd = sub.add_parser("boom")
+
+    def func(args):
+        raise exc
+
+    cmd.set_defaults(func=func)
+    return parser
+
+
+@pytest.mark.parametrize("exc", [InvalidArgumentError("bad --x"), MissingFileError("no such file: f"),
+                                 DataError("f is truncated"), NotADirectoryError(20, "Not a directory", "out/x")])
+def test_user_errors_are_one_line_exit_2(monkeypatch, capsys, exc):
+    monkeypatch.setattr(ravit.cli, "build_parser", lambda: _parser_raising(exc))
+    assert ravit.cli.main(["boom"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ravit boom: error: ") and err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("exc", [ValueError("a bug"), RuntimeError("a bug"), KeyError("k"), OSError(5, "I/O error")])
+def test_bugs_keep_their_traceback(monkeypatch, exc):
+    monkeypatch.setattr(ravit.cli, "build_parser", lambda: _parser_raising(exc))
+    with pytest.raises(type(exc)):
+        ravit.cli.main(["boom"])
+
+
+class _Damaged(Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int):
+        raise DataError(f"image {index}.png is damaged")
+
+
+def test_error_from_a_dataloader_worker_is_still_one_line(monkeypatch, capsys):
+    def load(args):
+        return list(DataLoader(_Damaged(), num_workers=1))
+
+    parser = _parser_raising(RuntimeError())
+    parser._subparsers._group_actions[0].choices["boom"].set_defaults(func=load)
+    monkeypatch.setattr(ravit.cli, "build_parser", lambda: parser)
+    assert ravit.cli.main(["boom"]) == 2
+    assert capsys.readouterr().err == "ravit boom: error: image 0.png is damaged\n"
+
+
+def test_device_names_are_checked():
+    from ravit.cli._args import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    for name in ("banana", "meta", "cuda:99" if torch.cuda.is_available() else "cuda"):
+        with pytest.raises(InvalidArgumentError, match="--device"):
+            resolve_device(name)
