@@ -2,28 +2,43 @@
 
 Reads ``.safetensors``, ``.pth``/``.pth.tar``/``.bin``/``.pt`` (a plain state dict, or one wrapped in ``model`` /
 ``state_dict`` / ``state_dict_ema`` / ``model_ema``), strips ``module.`` and ``_orig_mod.`` prefixes, loads with
-``weights_only=True`` and an allowlist for timm training checkpoints (reference/ecosystem.md §2), maps official key
-names through the model family's ``checkpoint_filter_fn(state_dict, model)``, re-initialises the classifier when its
-shape differs, and otherwise fails with an error naming the missing, unexpected and mis-shaped keys.
+``weights_only=True`` and an allowlist for the non-tensor objects of timm training checkpoints, maps official key
+names through the model family's ``checkpoint_filter_fn(state_dict, model)`` and otherwise fails with an error
+naming the missing, unexpected and mis-shaped keys. A new classifier and resized weights (``pos_embed`` through timm's
+ViT filter) are never silent: they must be asked for, and are logged when they happen.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import pickle
+import re
+import secrets
+import struct
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ravit.errors import DataError, InvalidArgumentError, MissingFileError
 
-__all__ = ["CheckpointError", "load_checkpoint", "load_state_dict", "save_checkpoint", "use_ravit_loader"]
+__all__ = [
+    "CheckpointError",
+    "load_checkpoint",
+    "load_state_dict",
+    "load_torch_file",
+    "new_temp_file",
+    "save_checkpoint",
+    "use_ravit_loader",
+]
+
+_logger = logging.getLogger(__name__)
 
 _WRAPPERS_EMA = ("state_dict_ema", "model_ema")
 _WRAPPERS = ("state_dict", "model")
@@ -31,7 +46,13 @@ _PREFIXES = ("module.", "_orig_mod.")
 
 
 class CheckpointError(DataError):
-    """A checkpoint that does not fit the model (or cannot be read safely)."""
+    """A checkpoint that does not fit the model, is damaged, or cannot be read safely."""
+
+
+# What torch's deserializer raises for bytes that are not an intact checkpoint (truncated, empty, random, text): found
+# by truncating and flipping bytes of zip and legacy files. OSError (permissions, I/O) is not among them.
+_DAMAGED = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, AssertionError, struct.error, OverflowError)
 
 
 def _safe_globals() -> list:
@@ -43,16 +64,58 @@ def _safe_globals() -> list:
     return allowed
 
 
-def _torch_load(path: Path, trust_checkpoint: bool) -> object:
-    if trust_checkpoint:
-        return torch.load(path, map_location="cpu", weights_only=False)
+def _refused_global(err: pickle.UnpicklingError) -> str | None:
+    """What weights_only loading refused to build (e.g. 'mymodule.MyClass'), or None when the bytes are bad."""
+    text = str(err)
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", text)
+    if found:
+        return found.group(1)
+    found = re.search(r"allowlisted via `?add_safe_globals`?,? but got (.+)", text)
+    return found.group(1).strip() if found else None
+
+
+def _damage(err: Exception) -> str:
+    """A short reason for a failed read: torch's own words without its advice to disable weights_only."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    text = text.strip().split("\n", 1)[0].split(". ", 1)[0]
+    if isinstance(err, EOFError):
+        return "the file ends early"
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
+
+
+def load_torch_file(path: str | os.PathLike, trust_checkpoint: bool = False) -> object:
+    """``torch.load`` of a user's file on CPU, with ``weights_only=True`` unless ``trust_checkpoint``.
+
+    Raises ``CheckpointError`` for a file that is damaged or not a PyTorch file at all, and a different
+    ``CheckpointError`` (the only one that mentions ``trust_checkpoint``) for an intact file that holds objects the
+    safe loader refuses to build.
+    """
+    path = Path(path)
     try:
+        if trust_checkpoint:
+            return torch.load(path, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError (and others) for objects outside the allowlist
-        raise CheckpointError(
-            f"{path} holds objects that weights_only loading refuses ({type(err).__name__}: {str(err)[:300]}); "
-            "if you trust the file, pass trust_checkpoint=True") from err
+    except _DAMAGED as err:
+        safe = not trust_checkpoint and isinstance(err, pickle.UnpicklingError)
+        refused = _refused_global(err) if safe else None
+        if refused is not None:
+            raise CheckpointError(
+                f"{path} holds objects that weights_only loading refuses to build ({refused}); only if you trust "
+                "its source, load it with trust_checkpoint=True") from None
+        needs = ", or its objects need code that is not importable here" if trust_checkpoint else ""
+        raise CheckpointError(f"{path} is damaged or not a PyTorch checkpoint{needs} ({_damage(err)}); re-download or "
+                              "re-create it") from None
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path, device="cpu")
+    except SafetensorError as err:
+        raise CheckpointError(f"{path} is damaged or not a safetensors file ({err}); re-download or re-create it") \
+            from None
 
 
 def load_state_dict(path: str | os.PathLike, use_ema: bool = False,
@@ -62,26 +125,24 @@ def load_state_dict(path: str | os.PathLike, use_ema: bool = False,
     if not path.is_file():
         raise MissingFileError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        obj: object = load_file(path, device="cpu")
+        obj: object = _load_safetensors(path)
     else:
-        obj = _torch_load(path, trust_checkpoint)
+        obj = load_torch_file(path, trust_checkpoint)
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    wrappers = (_WRAPPERS_EMA if use_ema else ()) + _WRAPPERS
-    for key in wrappers:
-        if isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    else:
-        if use_ema:
-            raise CheckpointError(f"use_ema=True but {path} has no EMA weights (keys: {sorted(obj)[:8]})")
+    wrapped = [key for key in (_WRAPPERS_EMA if use_ema else _WRAPPERS) if isinstance(obj.get(key), dict)]
+    if use_ema and not wrapped:
+        raise CheckpointError(f"use_ema=True but {path} has no EMA weights ({' / '.join(_WRAPPERS_EMA)}; keys: "
+                              f"{_describe(sorted(map(str, obj)))}); drop use_ema to load its plain weights")
+    if wrapped:
+        obj = obj[wrapped[0]]
     state_dict = {}
     for key, value in obj.items():
-        if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; keys found: "
-                                  f"{sorted(obj)[:8]}")
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor under a string key"
+                                  f"; keys found: {_describe(sorted(map(str, obj)))}")
         for prefix in _PREFIXES:
             if key.startswith(prefix):
                 key = key[len(prefix):]
@@ -113,34 +174,64 @@ def _describe(keys: list[str], limit: int = 8) -> str:
     return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _shape(state: dict[str, torch.Tensor], key: str) -> str:
+    return str(tuple(state[key].shape)) if key in state else "none"
+
+
+def _new_head_asked(model: nn.Module) -> bool:
+    """timm's convention: a model built for another ``num_classes`` than its architecture's pretrained config asks for
+    a new classifier (e.g. ``create_model(name, num_classes=5)`` on a 10-class zoo model)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return "num_classes" in cfg and getattr(model, "num_classes", cfg["num_classes"]) != cfg["num_classes"]
+
+
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, use_ema: bool = False, strict: bool = True,
-                    trust_checkpoint: bool = False) -> nn.Module:
+                    trust_checkpoint: bool = False, new_head: bool | None = None, resize: bool = False) -> nn.Module:
     """Load ``path`` into ``model`` in place and return the model.
 
-    Official key names are mapped by the ``checkpoint_filter_fn`` of the model's module, when it has one. A classifier
-    whose shape differs from the checkpoint's (other ``num_classes``, or none) keeps its fresh initialisation. Any
-    other difference raises ``CheckpointError`` listing the missing, unexpected and mis-shaped keys (``strict=False``
-    loads what fits and ignores the rest).
+    Official key names are mapped by the ``checkpoint_filter_fn`` of the model's module, when it has one.
+    ``new_head``: a classifier that differs from the checkpoint's (another ``num_classes``, or none on either side)
+    keeps the model's fresh initialisation, with a logged warning; ``None`` follows timm's convention (allowed when
+    the model was built for another ``num_classes`` than its pretrained config), ``False`` never allows it.
+    ``resize``: let the filter interpolate weights whose shape differs (timm's ViT filter resamples ``pos_embed`` for
+    another image size), with a logged warning. Any other difference raises ``CheckpointError`` listing the missing,
+    unexpected and mis-shaped keys (``strict=False`` loads what fits, logs what it left out, and still refuses
+    mis-shaped keys).
     """
     path = Path(path)
-    state_dict = load_state_dict(path, use_ema=use_ema, trust_checkpoint=trust_checkpoint)
+    raw = load_state_dict(path, use_ema=use_ema, trust_checkpoint=trust_checkpoint)
+    name = _model_name(model)
     filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        state_dict = filter_fn(state_dict, model)
-
+    state_dict = dict(filter_fn(raw, model)) if filter_fn is not None else dict(raw)
     own = model.state_dict()
-    for key in _classifier_keys(model):
-        if key in state_dict and (key not in own or own[key].shape != state_dict[key].shape):
-            del state_dict[key]  # head re-initialised: the model keeps its own (random) classifier
-        if key not in state_dict and key in own:
-            state_dict[key] = own[key]
+    hints = []
+
+    resized = [k for k in state_dict if k in raw and k in own and raw[k].numel() != state_dict[k].numel()]
+    if resized and resize:
+        _logger.warning("%s: resized for %s: %s", path, name,
+                        _describe([f"{k} {_shape(raw, k)} -> {_shape(state_dict, k)}" for k in resized], 4))
+    elif resized:
+        state_dict.update({k: raw[k] for k in resized})  # reported below as mis-shaped
+        hints.append(f"  the model's filter would resize {_describe(resized, 4)}: pass resize=True to interpolate")
+
+    head = [k for k in _classifier_keys(model) if k in own or k in state_dict]
+    if any(k not in own or k not in state_dict or own[k].shape != state_dict[k].shape for k in head):
+        described = "; ".join(f"{k}: checkpoint {_shape(state_dict, k)} vs model {_shape(own, k)}" for k in head)
+        if _new_head_asked(model) if new_head is None else new_head:
+            state_dict = {k: v for k, v in state_dict.items() if k not in head}
+            state_dict.update({k: own[k] for k in head if k in own})
+            _logger.warning("%s: new classifier for %s, freshly initialised (%s)", path, name, described)
+        else:
+            hints.append(f"  the classifier differs ({described}): build the model with the checkpoint's "
+                         "num_classes, or pass new_head=True to train a new classifier")
+
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     misshaped = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
                  for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
     if misshaped or (strict and (missing or unexpected)):
         saved_as = _checkpoint_model_name(path)
-        lines = [f"checkpoint {path} does not fit model '{_model_name(model)}'"
+        lines = [f"checkpoint {path} does not fit model '{name}'"
                  + (f" (it was saved from '{saved_as}')" if saved_as else "") + ":"]
         if missing:
             lines.append(f"  {len(missing)} missing keys: {_describe(missing)}")
@@ -148,13 +239,32 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, use_ema: bool = F
             lines.append(f"  {len(unexpected)} unexpected keys: {_describe(unexpected)}")
         if misshaped:
             lines.append(f"  {len(misshaped)} mis-shaped keys: {_describe(misshaped, 4)}")
-        raise CheckpointError("\n".join(lines))
+        raise CheckpointError("\n".join(lines + hints))
+    if missing or unexpected:
+        _logger.warning("%s: strict=False loaded %s without %d missing keys (%s) and ignored %d unexpected keys (%s)",
+                        path, name, len(missing), _describe(missing, 4), len(unexpected), _describe(unexpected, 4))
     model.load_state_dict(state_dict, strict=strict)
     return model
 
 
+def new_temp_file(path: str | os.PathLike) -> Path:
+    """A new empty file next to ``path`` for an atomic write (write it, then ``os.replace`` it over ``path``).
+
+    Created with mode 0o666 less the umask, as ``open()`` and ``torch.save`` create files (``tempfile.mkstemp``
+    would give 0o600, and the final file would keep it)."""
+    path = Path(path)
+    while True:
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Write the model's state dict as ``.safetensors`` with the model name in the metadata (atomically)."""
+    """Write the model's state dict as ``.safetensors`` with the model name in the metadata (atomically; the file
+    gets the usual mode, 0o666 less the umask)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise InvalidArgumentError(f"ravit saves .safetensors files, got {path.name}")
@@ -162,14 +272,16 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: dict[st
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}  # no shared storage
     meta = {"format": "pt", "model": _model_name(model), "num_classes": str(getattr(model, "num_classes", ""))}
     meta.update(metadata or {})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
+    tmp = new_temp_file(path)
     try:
+        mode = tmp.stat().st_mode & 0o777  # what open() gives here; safetensors writes 0o600 whatever the umask
         save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, mode)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -68,3 +68,18 @@ def test_device_names_are_checked():
     for name in ("banana", "meta", "cuda:99" if torch.cuda.is_available() else "cuda"):
         with pytest.raises(InvalidArgumentError, match="--device"):
             resolve_device(name)
+
+
+@pytest.mark.parametrize("item", ["a=[1", "img_size", "=3", "a={b"])
+def test_model_kwargs_mistakes_are_user_errors(item):
+    from ravit.cli._args import parse_model_kwargs
+
+    with pytest.raises(InvalidArgumentError, match="--model-kwargs"):
+        parse_model_kwargs([item])
+
+
+def test_model_kwargs_values_are_yaml():
+    from ravit.cli._args import parse_model_kwargs
+
+    assert parse_model_kwargs(["img_size=28", "ratio=0.5", "dims=[1, 2]", "flag=true", "name=x"]) == dict(
+        img_size=28, ratio=0.5, dims=[1, 2], flag=True, name="x")

@@ -42,5 +42,9 @@ def parse_model_kwargs(items: list[str] | None) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise CLIError(f"--model-kwargs expects KEY=VALUE, got {item!r}")
-        kwargs[key] = yaml.safe_load(value)
+        try:
+            kwargs[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or "not a YAML value"
+            raise CLIError(f"--model-kwargs {item!r}: {problem} (values are YAML: 3, 0.5, true, [1, 2])") from None
     return kwargs

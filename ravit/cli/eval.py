@@ -4,6 +4,10 @@ The model is a zoo name (``ravit eval fmnist_deit_p4 --pretrained``), any ravit 
 ``--checkpoint``, or just ``--checkpoint runs/x/last.pth`` from ``ravit train`` (its config rebuilds the model).
 Images go through the eval transform of ``ravit train`` (dataset statistics, the model's channels).
 Writes ``<output>/eval.json``, ``per_class.csv`` and ``per_class.png`` when ``--output`` is given.
+
+Every number is the named weights' own: a model without weights, a classifier that would be re-initialised or
+resized, ``--use-ema`` on a file without EMA weights and a model whose class count differs from the dataset's are
+errors, not a score.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ravit.cli import CLIError
-from ravit.cli._args import parse_model_kwargs
-from ravit.errors import MissingFileError
+from ravit.cli._args import parse_model_kwargs, resolve_device
+from ravit.errors import DataError, MissingFileError
 
 __all__ = ["register", "run"]
 
@@ -50,8 +54,20 @@ def register(subparsers) -> None:
     parser.add_argument("--img-size", type=int, help="input size (default: the model's, else the dataset's)")
     parser.add_argument("--limit", type=int, help="evaluate the first N images only")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:N' ('auto': cuda when available)")
     parser.add_argument("--output", help="folder for eval.json, per_class.csv and per_class.png")
     parser.set_defaults(func=run)
+
+
+def _check_args(args) -> None:
+    """Every flag that can be checked before loading anything."""
+    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--img-size", args.img_size)):
+        if value is not None and value < 1:
+            raise CLIError(f"{flag} must be >= 1, got {value}")
+    if args.use_ema and not args.checkpoint:
+        raise CLIError("--use-ema picks the EMA weights of a --checkpoint; pass one (or drop --use-ema)")
+    if args.model is not None and not (args.pretrained or args.checkpoint):
+        raise CLIError(f"{args.model!r} has no weights to evaluate: pass --pretrained (zoo models) or --checkpoint")
 
 
 def _build(args):
@@ -70,12 +86,16 @@ def _build(args):
             raise CLIError("name a MODEL, or pass --checkpoint with a ravit train checkpoint (last.pth / best.pth)")
         cfg = TrainConfig(**load_training_checkpoint(ckpt_path)["config"])
         model = ravit.create_model(cfg.model, **{**zoo_model_kwargs(cfg), **kwargs})
-        ravit.load_checkpoint(model, ckpt_path, use_ema=args.use_ema)
+        ravit.load_checkpoint(model, ckpt_path, use_ema=args.use_ema, new_head=False)
         return model, cfg.model, cfg.dataset, {**zoo_model_kwargs(cfg), **kwargs}["img_size"]
     model = ravit.create_model(args.model, pretrained=args.pretrained, **kwargs)
-    if ckpt_path is not None:
-        ravit.load_checkpoint(model, ckpt_path, use_ema=args.use_ema)
     cfg = getattr(model, "pretrained_cfg", None) or {}
+    trained_classes = cfg.get("num_classes")
+    if args.pretrained and ckpt_path is None and kwargs.get("num_classes", trained_classes) != trained_classes:
+        raise CLIError(f"num_classes={kwargs['num_classes']} gives {args.model!r} a new, untrained classifier (its "
+                       f"weights have {trained_classes} classes): drop num_classes to evaluate them")
+    if ckpt_path is not None:
+        ravit.load_checkpoint(model, ckpt_path, use_ema=args.use_ema, new_head=False)
     img_size = kwargs.get("img_size") or (cfg["input_size"][-1] if cfg.get("fixed_input_size") else None)
     return model, args.model, None, img_size
 
@@ -110,7 +130,12 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ravit.data import create_dataset, create_transform, dataset_info
+    from ravit.train.checkpoint import check_output_dir
 
+    _check_args(args)
+    device = resolve_device(args.device)
+    if args.output:
+        check_output_dir(args.output)
     model, name, trained_on, built_size = _build(args)
     dataset = args.dataset or trained_on or "fashion_mnist"
     info = dataset_info(dataset)
@@ -120,17 +145,23 @@ def run(args) -> int:
         raise CLIError(f"dataset {dataset!r} has no native size: pass --img-size")
     tf = create_transform(img_size, in_chans, info.mean, info.std, is_training=False, crop_pct=info.crop_pct)
     ds = create_dataset(dataset, args.split, args.data_dir, tf)
+    classes = list(ds.classes)
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and num_classes != len(classes):
+        raise DataError(f"{name} predicts {num_classes} classes but {dataset!r} {args.split!r} has {len(classes)}: "
+                        "evaluate it on a dataset with its classes (or a checkpoint trained on this one)")
     count = min(args.limit, len(ds)) if args.limit else len(ds)
+    if count == 0:
+        raise DataError(f"{dataset!r} {args.split!r} holds no images")
     loader = DataLoader(ds, batch_size=args.batch_size, sampler=list(range(count)))
 
-    model.eval()
-    classes = list(ds.classes)
+    model.eval().to(device)
     correct = torch.zeros(len(classes), dtype=torch.long)
     seen = torch.zeros(len(classes), dtype=torch.long)
     top5 = 0
     with torch.no_grad():
         for images, targets in tqdm(loader, desc=f"eval {name}", leave=False):
-            logits = model(images)  # (B, num_classes)
+            logits = model(images.to(device)).cpu()  # (B, num_classes)
             hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.eq(targets[:, None])  # (B, 5)
             correct += torch.bincount(targets[hits[:, 0]], minlength=len(classes))
             seen += torch.bincount(targets, minlength=len(classes))
@@ -148,6 +179,7 @@ def run(args) -> int:
         "top5": 100 * top5 / count,
         "checkpoint": args.checkpoint,
         "pretrained": args.pretrained,
+        "use_ema": args.use_ema,
         "per_class": per_class,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "per_class"}))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-from ravit.cli import CLIError
 from ravit.cli._args import parse_model_kwargs
 
 __all__ = ["register", "run"]
@@ -34,7 +33,8 @@ def register(subparsers) -> None:
         elif annotation.startswith("list["):
             group.add_argument(flag, dest=name, nargs="+", metavar="V", default=argparse.SUPPRESS)
         else:
-            group.add_argument(flag, dest=name, metavar=annotation.split()[0].upper(), default=argparse.SUPPRESS)
+            metavar = annotation.removesuffix(" | None").replace(" | ", "|").upper()  # INT, FLOAT, INT|FLOAT, ...
+            group.add_argument(flag, dest=name, metavar=metavar, default=argparse.SUPPRESS)
     parser.set_defaults(func=run)
 
 
@@ -46,10 +46,5 @@ def run(args) -> int:
     if "model_kwargs" in overrides:
         overrides["model_kwargs"] = parse_model_kwargs(overrides["model_kwargs"])
     cfg = load_config(args.config, overrides)
-    try:
-        train(cfg)
-    except OSError as err:
-        if isinstance(err, FileNotFoundError):
-            raise
-        raise CLIError(str(err.strerror or err)) from None
+    train(cfg)  # a full disk, a read-only or unwritable output: one line from ravit.cli.main, other errors stay
     return 0

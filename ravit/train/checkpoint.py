@@ -18,9 +18,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ravit.checkpoint import CheckpointError, load_torch_file
 from ravit.errors import InvalidArgumentError, MissingFileError
 
-__all__ = ["atomic_save", "capture_rng", "load_training_checkpoint", "restore_rng"]
+__all__ = ["atomic_save", "capture_rng", "check_output_dir", "load_training_checkpoint", "restore_rng"]
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """``path`` as an output folder, checked before any work: InvalidArgumentError when it or a parent is a file, or
+    when the folder it would be made in is not writable."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if not folder.exists():
+            continue
+        if not folder.is_dir():
+            problem = "is a file" if folder == path else f"cannot be created: {folder} is a file"
+            raise InvalidArgumentError(f"output folder {path} {problem}; choose another output path")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise InvalidArgumentError(f"output {path}: {folder} is not writable; choose another output path")
+        return path
+    return path
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
@@ -82,15 +99,13 @@ def restore_rng(state: dict) -> None:
 
 
 def load_training_checkpoint(path: str | os.PathLike) -> dict:
-    """A checkpoint written by ``ravit train``; ValueError if the file is not one."""
+    """A checkpoint written by ``ravit train``: MissingFileError if absent, CheckpointError (a DataError) if the file
+    is damaged or not one."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a corrupt or foreign file
-        raise InvalidArgumentError(f"{path} is not a readable checkpoint: {err}") from None
+    ckpt = load_torch_file(path)
     required = {"state_dict", "optimizer", "scheduler", "epoch", "config", "rng"}
     if not isinstance(ckpt, dict) or not required <= set(ckpt):
-        raise InvalidArgumentError(f"{path} is not a ravit training checkpoint (needs keys {sorted(required)})")
+        raise CheckpointError(f"{path} is not a ravit training checkpoint (needs keys {sorted(required)})")
     return ckpt

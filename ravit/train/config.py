@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from ravit.errors import InvalidArgumentError, MissingFileError
+from ravit.errors import DataError, InvalidArgumentError, MissingFileError
 
 __all__ = ["RESUME_SAFE_KEYS", "TrainConfig", "config_fields", "load_config", "parse_value"]
 
@@ -69,7 +69,7 @@ class TrainConfig:
     ema_decay: float = 0.9998
     # ATS in the loop (needs ravit.apply_ats)
     ats_blocks: list[int] | None = None
-    ats_budget: float | None = None  # tokens kept per ATS block: a count (> 1) or a ratio in (0, 1]
+    ats_budget: int | float | None = None  # per ATS block: an integer token count >= 1, or a ratio in (0, 1]
     ats_sampler: str = "inverse_transform"
     # run
     seed: int = 0
@@ -104,7 +104,10 @@ def parse_value(name: str, value):
     optional = annotation.endswith("| None")
     base = annotation.removesuffix(" | None")
     if isinstance(value, str) and base != "str":
-        value = yaml.safe_load(value) if value.strip() else None
+        try:
+            value = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise InvalidArgumentError(f"config key {name!r} expects {annotation}, got {value!r}") from None
     if value is None:
         if optional:
             return None
@@ -112,6 +115,10 @@ def parse_value(name: str, value):
     try:
         if base == "bool":
             if isinstance(value, bool):
+                return value
+            raise TypeError
+        if base == "int | float":  # an int and a float mean different things (e.g. a token count and a ratio)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return value
             raise TypeError
         if base in ("int", "float", "str"):
@@ -138,7 +145,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
         path = Path(path)
         if not path.is_file():
             raise MissingFileError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            with open(path, "rb") as f:
+                loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise DataError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(loaded, dict):
             raise InvalidArgumentError(f"{path}: a config file must be a mapping of keys to values")
         for key, value in loaded.items():
@@ -165,6 +176,12 @@ def _validate(cfg: TrainConfig) -> None:
         raise InvalidArgumentError(f"amp_dtype must be bfloat16 or float16, got {cfg.amp_dtype!r}")
     if cfg.ats_budget is not None and cfg.ats_blocks is None:
         raise InvalidArgumentError("ats_budget needs ats_blocks")
+    budget = cfg.ats_budget
+    if isinstance(budget, int) and budget < 1:
+        raise InvalidArgumentError(f"ats_budget {budget}: a token count must be >= 1")
+    if isinstance(budget, float) and not 0 < budget <= 1:
+        raise InvalidArgumentError(
+            f"ats_budget {budget}: write an integer token count (e.g. {max(1, round(budget))}) or a ratio in (0, 1]")
     for name in ("train_subset", "val_subset"):
         value = getattr(cfg, name)
         if value is not None and value < 1:

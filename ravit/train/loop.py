@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,9 +36,17 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 import ravit
-from ravit.data import create_dataset, create_transform, dataset_info
-from ravit.errors import InvalidArgumentError
-from ravit.train.checkpoint import atomic_save, capture_rng, load_training_checkpoint, restore_rng
+from ravit._factory import accepted_model_kwargs
+from ravit.cli._args import resolve_device
+from ravit.data import check_same_classes, create_dataset, create_transform, dataset_info
+from ravit.errors import DataError, InvalidArgumentError
+from ravit.train.checkpoint import (
+    atomic_save,
+    capture_rng,
+    check_output_dir,
+    load_training_checkpoint,
+    restore_rng,
+)
 from ravit.train.config import RESUME_SAFE_KEYS, TrainConfig
 from ravit.train.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 
@@ -59,7 +68,8 @@ def _autocast(device: torch.device, cfg_amp: bool, amp_dtype: str):
 
 
 def build_model(cfg: TrainConfig, img_size: int, in_chans: int, num_classes: int) -> nn.Module:
-    """The model named by ``cfg.model`` (ravit or timm) with its kwargs, optionally pretrained / from a checkpoint."""
+    """The model named by ``cfg.model`` (ravit or timm) with its kwargs, optionally pretrained / from a checkpoint
+    (``init_checkpoint``: a new classifier when ``num_classes`` differs from the checkpoint's, logged)."""
     kwargs = dict(cfg.model_kwargs)
     resolved = dict(img_size=img_size, in_chans=in_chans, num_classes=num_classes, drop_path_rate=cfg.drop_path_rate)
     for key, value in resolved.items():
@@ -67,21 +77,25 @@ def build_model(cfg: TrainConfig, img_size: int, in_chans: int, num_classes: int
             if key in kwargs and kwargs[key] != value:
                 raise InvalidArgumentError(f"{key} is {value} but model_kwargs says {kwargs[key]}")
             kwargs[key] = value
+    # img_size sizes the data pipeline; a model that takes any input size (CNNs) has no such argument.
+    arch = cfg.model.split(".", 1)[0]
+    accepted = accepted_model_kwargs(arch) if timm.is_model(arch) else None
+    drop_size = "img_size" not in cfg.model_kwargs
+    if drop_size and accepted is not None and "img_size" not in accepted:
+        kwargs.pop("img_size")
     try:
         return ravit.create_model(cfg.model, pretrained=cfg.pretrained, checkpoint_path=cfg.init_checkpoint, **kwargs)
     except TypeError as err:
-        # CNNs take any input size and have no img_size argument; every other kwarg must be accepted.
-        if "img_size" not in str(err) or "img_size" in cfg.model_kwargs:
+        # Only for a model whose arguments cannot be listed beforehand (accepted is None); other errors stay.
+        if accepted is not None or not drop_size or "unexpected keyword argument 'img_size'" not in str(err):
             raise
         kwargs.pop("img_size")
         return ravit.create_model(cfg.model, pretrained=cfg.pretrained, checkpoint_path=cfg.init_checkpoint, **kwargs)
 
 
 def _apply_ats(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    budget = cfg.ats_budget
-    if budget is not None and budget > 1:
-        budget = int(budget)  # a token count; values in (0, 1] are ratios
-    return ravit.apply_ats(model, blocks=cfg.ats_blocks, budget=budget, sampler=cfg.ats_sampler)
+    """Insert ATS: ``cfg.ats_budget`` is an int token count or a float ratio, as ``ravit.apply_ats`` reads them."""
+    return ravit.apply_ats(model, blocks=cfg.ats_blocks, budget=cfg.ats_budget, sampler=cfg.ats_sampler)
 
 
 def _data(cfg: TrainConfig, dist_info: DistInfo):
@@ -106,7 +120,12 @@ def _data(cfg: TrainConfig, dist_info: DistInfo):
     val_tf = create_transform(**common, is_training=False, crop_pct=crop_pct)
     train_set = create_dataset(cfg.dataset, cfg.train_split, cfg.data_dir, train_tf)
     val_set = create_dataset(cfg.dataset, cfg.val_split, cfg.data_dir, val_tf)
-    num_classes = cfg.num_classes or cfg.model_kwargs.get("num_classes") or len(train_set.classes)
+    classes = list(train_set.classes)  # a label is a class's position: both splits must list the same classes
+    check_same_classes(classes, val_set.classes, f"the {cfg.train_split!r} and {cfg.val_split!r} splits")
+    num_classes = cfg.num_classes or cfg.model_kwargs.get("num_classes") or len(classes)
+    if num_classes < len(classes):
+        raise InvalidArgumentError(f"num_classes is {num_classes} but the {cfg.train_split!r} split has {len(classes)} "
+                                   "classes; drop num_classes to use the dataset's")
     if cfg.train_subset is not None and cfg.train_subset < len(train_set):
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))
         train_set = Subset(train_set, order[: cfg.train_subset].sort().values.tolist())
@@ -235,6 +254,25 @@ def _config_diff(saved: dict, cfg: TrainConfig) -> list[str]:
     return sorted(k for k in keys if saved.get(k) != current.get(k))
 
 
+def _repair_best(ckpt: dict, best_path: Path) -> None:
+    """Rewrite ``best.pth`` from the resumed ``last.pth`` when that epoch is the best one and ``best.pth`` holds
+    another (a run killed between writing the two): the best epoch's files then agree again."""
+    best = ckpt.get("best") or {}
+    if best.get("epoch") != ckpt["epoch"]:
+        return
+    if best_path.is_file() and _saved_epoch(best_path) == ckpt["epoch"]:
+        return
+    atomic_save(ckpt, best_path)
+
+
+def _saved_epoch(path: Path) -> int | None:
+    """The epoch a training checkpoint holds; None when it is damaged or not one (it is then rewritten)."""
+    try:
+        return load_training_checkpoint(path)["epoch"]
+    except DataError:
+        return None
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -272,6 +310,9 @@ def train(cfg: TrainConfig) -> dict:
     Writes ``<output>/config.yaml``, ``last.pth`` and ``best.pth`` (every epoch, atomically), ``log.jsonl`` (one line
     per epoch), ``summary.json`` and ``curves.png``. Only rank 0 writes.
     """
+    if cfg.device != "auto":
+        resolve_device(cfg.device)  # a clear error for a device that does not exist here, before any work
+    check_output_dir(cfg.output)
     dist_info = init_distributed(cfg.device)
     try:
         return _train(cfg, dist_info)
@@ -293,6 +334,8 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> dict:
         if diff:
             details = "; ".join(f"{k}: {ckpt['config'].get(k)!r} -> {getattr(cfg, k, None)!r}" for k in diff)
             raise InvalidArgumentError(f"cannot resume {last_path}: it was written with a different config ({details})")
+        if dist_info.is_main:
+            _repair_best(ckpt, best_path)
     elif not cfg.resume and last_path.exists():
         raise InvalidArgumentError(
             f"{out} already holds a run; pass --resume to continue it or choose another --output")
@@ -410,9 +453,11 @@ def _train(cfg: TrainConfig, dist_info: DistInfo) -> dict:
             }
             if ema is not None:
                 state["state_dict_ema"] = ema.module.state_dict()
-            atomic_save(state, last_path)
+            # best.pth first: a kill between the two writes leaves last.pth one epoch behind, and resuming redoes
+            # that epoch bit-identically (rewriting best.pth); _repair_best covers a run killed in the other order.
             if improved:
                 atomic_save(state, best_path)
+            atomic_save(state, last_path)
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             tqdm.write(json.dumps(record))
