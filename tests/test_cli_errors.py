@@ -83,3 +83,19 @@ def test_model_kwargs_values_are_yaml():
 
     assert parse_model_kwargs(["img_size=28", "ratio=0.5", "dims=[1, 2]", "flag=true", "name=x"]) == dict(
         img_size=28, ratio=0.5, dims=[1, 2], flag=True, name="x")
+
+
+def test_robustness_never_scores_a_random_head(tmp_path, capsys):
+    """A checkpoint scored with another class count would get a re-initialised classifier: an error, not a number."""
+    import timm
+
+    import ravit
+
+    model = timm.create_model("deit_tiny_patch16_224", img_size=16, in_chans=1, num_classes=10)
+    path = ravit.save_checkpoint(model, tmp_path / "ten.safetensors")
+    argv = ["robustness", "deit_tiny_patch16_224", "--checkpoint", str(path), "--in-chans", "1", "--img-size", "16",
+            "--data", str(tmp_path), "--out", str(tmp_path / "out")]
+    assert ravit.cli.main(argv + ["--num-classes", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ravit robustness: error: ") and "Traceback" not in err
+    assert "head.weight: checkpoint (10, 192) vs model (5, 192)" in err

@@ -71,7 +71,9 @@ def _create_model(args):
                                 ("img_size", args.img_size)) if v is not None}
     from ravit import create_model
 
-    return create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint, **kwargs)
+    # Scoring a checkpoint with a re-initialised classifier would report chance accuracy: never allow a new head here.
+    return create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint, new_head=False,
+                        **kwargs)
 
 
 def run(args) -> int:
