@@ -98,7 +98,14 @@ def create_model(name: str, pretrained: bool = False, checkpoint_path: str | os.
         close = ", ".join(timm.list_models(f"*{arch[:6]}*")[:8])
         raise InvalidArgumentError(f"unknown model {name!r}" + (f"; similar names: {close}" if close else ""))
     _check_kwargs(arch, kwargs)
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as err:
+        if pretrained and str(err).startswith("No pretrained weights exist"):  # timm's message for this user error
+            released = ", ".join(timm.list_pretrained(f"{arch}.*")) or "none"
+            raise InvalidArgumentError(f"{name!r} has no pretrained weights (released tags: {released}); "
+                                       "load a file with checkpoint_path= / --checkpoint") from None
+        raise
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path, new_head="num_classes" in kwargs if new_head is None else new_head)
     return model

@@ -10,7 +10,8 @@
    relative perturbation of block outputs under Gaussian input noise, for both models.
 
 Everything is written to one folder: ``summary.json`` (all numbers), ``summary.md`` (the tables that are printed),
-CSV files and PNG figures.
+CSV files and PNG figures. The folder is built under a temporary name next to it and renamed into place when the
+study is done, so a crash or a kill leaves the previous results as they were, and a rerun leaves no stale file.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,19 +33,26 @@ from tqdm import tqdm
 from ravit._factory import create_model
 from ravit.analysis.perturbation import perturbation_profile
 from ravit.analysis.plots import plot_block_curves
-from ravit.analysis.results import atomic_write, write_csv, write_json
+from ravit.analysis.results import atomic_write, check_output_dir, write_csv, write_json
 from ravit.analysis.spectra import grouping_spectra
 from ravit.ats import apply_ats, trace
+from ravit.ats.config import Budget
 from ravit.bench.flops import count_gmacs
+from ravit.data import CLASSES
 from ravit.errors import InvalidArgumentError
+from ravit.robustness.benchmarks import check_classes
 from ravit.robustness.evaluate import ModelInput, evaluate_corruptions, image_dataset
 from ravit.robustness.metrics import mce, mean_accuracy
-from ravit.robustness.registry import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS
+from ravit.robustness.registry import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS, SEVERITIES
 
 __all__ = ["DEFAULT_FAN", "DEFAULT_VIT", "run_study"]
 
 DEFAULT_VIT = "fmnist_deit_p4"
 DEFAULT_FAN = "fmnist_fan_p4"
+
+# What a study writes at the top of its folder: an existing folder holding only these is a study's and is replaced.
+_OUTPUTS = frozenset({"robustness", "summary.json", "summary.md", "ats.csv", "ats_accuracy_vs_gmacs.png",
+                      "grouping_eigenvalues.png", "grouping_perturbation.png"})
 
 
 def _test_images(model: nn.Module, limit: int) -> tuple[ModelInput, torch.Tensor, torch.Tensor]:
@@ -52,42 +64,47 @@ def _test_images(model: nn.Module, limit: int) -> tuple[ModelInput, torch.Tensor
     return spec, torch.stack(images), torch.tensor(labels)
 
 
-def _robustness(models: dict[str, nn.Module], limit: int, severities: Sequence[int], out: Path, progress: bool):
+def _robustness(models: dict[str, nn.Module], limit: int, severities: Sequence[int], out: Path, progress: bool,
+                device: torch.device):
     results = {}
     for name, model in models.items():
         spec = ModelInput.from_model(model)
         result = evaluate_corruptions(
             model, image_dataset("fashion-mnist", spec), severities=severities, name=name, limit=limit,
-            progress=progress,
+            device=device, progress=progress,
         )
         result.save(out / "robustness" / name)
         results[name] = result
     vit_name = next(iter(models))
     # mCE normalised by the ViT instead of AlexNet (Hendrycks & Dietterich 2019): below 100% = more robust than the ViT.
+    # On a small run the ViT can make no error on a corruption; the ratio is then undefined and reported as None.
     vit_err = {c: 1 - mean_accuracy(results[vit_name].accuracy, [c]) for c in BENCHMARK_CORRUPTIONS}
+    mce_defined = all(err > 0 for err in vit_err.values())
     rows = {}
     for name, result in results.items():
         summary = result.summary()
+        clean = result.clean_accuracy
         rows[name] = {
-            "clean_accuracy": result.clean_accuracy,
+            "clean_accuracy": clean,
             "mean_corruption_accuracy_15": summary["mean_corruption_accuracy_15"],
             "mean_corruption_accuracy_19": summary["mean_corruption_accuracy_all"],
-            "retention_15": summary["mean_corruption_accuracy_15"] / result.clean_accuracy,
-            "mce_vs_vit_15": mce(result.accuracy, baseline=vit_err),
+            "retention_15": summary["mean_corruption_accuracy_15"] / clean if clean > 0 else None,
+            "mce_vs_vit_15": mce(result.accuracy, baseline=vit_err) if mce_defined else None,
             "per_corruption": {c: mean_accuracy(result.accuracy, [c]) for c in ALL_CORRUPTIONS},
         }
     return rows
 
 
-def _ats(vit: nn.Module, limit: int, budgets: Sequence[float | None], batch_size: int, gmacs_images: int,
+def _ats(vit: nn.Module, limit: int, budgets: Sequence[Budget], batch_size: int, gmacs_images: int,
          progress: bool):
     """Accuracy on ``limit`` images and GMACs counted per image on the first ``gmacs_images`` of them (counting runs
     one FlopCounterMode forward per distinct kept-token profile, so it is kept to a fixed subset)."""
     spec, images, labels = _test_images(vit, limit)
-    inputs = spec.normalize(images)
+    inputs = spec.normalize(images).to(next(vit.parameters()).device)
     dense_gmacs = count_gmacs(vit, inputs[:1])
     with torch.no_grad():
-        dense_acc = float(torch.cat([vit(x).argmax(-1) for x in inputs.split(batch_size)]).eq(labels).float().mean())
+        dense_preds = torch.cat([vit(x).argmax(-1).cpu() for x in inputs.split(batch_size)])
+    dense_acc = float(dense_preds.eq(labels).float().mean())
     blocks = range(1, len(vit.blocks))
     rows = [{"sampler": "dense", "budget": "all", "accuracy": dense_acc, "gmacs": dense_gmacs, "gmacs_ratio": 1.0,
              "kept_tokens_last_block": float(vit.patch_embed.num_patches + vit.num_prefix_tokens)}]
@@ -98,7 +115,7 @@ def _ats(vit: nn.Module, limit: int, budgets: Sequence[float | None], batch_size
         for start in range(0, len(inputs), batch_size):
             x = inputs[start : start + batch_size]
             result = trace(model, x, count_gmacs=start < gmacs_images)
-            preds.append(result.logits.argmax(-1))
+            preds.append(result.logits.argmax(-1).cpu())
             gmacs.append(result.gmacs[: max(0, gmacs_images - start)])
             kept.append(result.kept_tokens[:, -1].double())
         mean_gmacs = float(torch.cat(gmacs).mean())
@@ -142,7 +159,7 @@ def _grouping(models: dict[str, nn.Module], n_images: int, noise_std: float, out
     result = {}
     for name, model in models.items():
         spec, images, _ = _test_images(model, n_images)
-        batches = list(spec.normalize(images).split(32))
+        batches = list(spec.normalize(images).to(next(model.parameters()).device).split(32))
         counts = grouping_spectra(model, batches)
         perturb = perturbation_profile(model, batches, noise_std=noise_std)
         result[name] = {
@@ -163,6 +180,10 @@ def _grouping(models: dict[str, nn.Module], n_images: int, noise_std: float, out
     return result
 
 
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
 def _markdown(summary: dict) -> str:
     rob = summary["robustness"]
     lines = ["## Robustness (FAN claim)", "",
@@ -171,9 +192,14 @@ def _markdown(summary: dict) -> str:
     for name, r in rob.items():
         lines.append(
             f"| {name} | {100 * r['clean_accuracy']:.2f} | {100 * r['mean_corruption_accuracy_15']:.2f} | "
-            f"{100 * r['mean_corruption_accuracy_19']:.2f} | {100 * r['retention_15']:.1f}% | "
-            f"{100 * r['mce_vs_vit_15']:.1f}% |"
+            f"{100 * r['mean_corruption_accuracy_19']:.2f} | {_percent(r['retention_15'])} | "
+            f"{_percent(r['mce_vs_vit_15'])} |"
         )
+    if any(r["mce_vs_vit_15"] is None for r in rob.values()):
+        lines += ["", "n/a: mCE vs ViT divides by the ViT's error on each corruption, and the ViT made none on at "
+                      "least one corruption of these images; use a larger --limit."]
+    if any(r["retention_15"] is None for r in rob.values()):
+        lines += ["", "n/a: retention divides by the clean accuracy, which is 0 here; use a larger --limit."]
     n_gmacs = summary["ats"]["gmacs_images"]
     lines += ["", "## Adaptive token sampling on the ViT (ATS claim)", "",
               f"| sampler | budget | accuracy | GMACs (first {n_gmacs} images) | GMACs / dense "
@@ -193,35 +219,132 @@ def _markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise InvalidArgumentError(f"{name} must be positive (an integer >= 1), got {value!r}")
+
+
+def _check_out(out: Path) -> None:
+    """The study replaces its whole folder: refuse a file, a folder with anything but a study's outputs, or the
+    current folder or one above it."""
+    check_output_dir(out, "out")
+    if Path.cwd().resolve().is_relative_to(out):
+        raise InvalidArgumentError(f"out {out} is the current folder or one above it; name a folder for the study")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in _OUTPUTS)
+        if foreign:
+            raise InvalidArgumentError(
+                f"out {out} holds files a study does not write ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); the study replaces its whole folder, so name a new or "
+                f"empty one")
+
+
+def _check_budgets(vit: nn.Module, budgets: Sequence[Budget]) -> list[Budget]:
+    """Each budget checked against the ViT (the rule of :func:`ravit.apply_ats`), normalised (3.0 -> 3), once each."""
+    if isinstance(budgets, (str, bytes)) or not budgets:
+        raise InvalidArgumentError(f"budgets must be a non-empty list of ATS budgets, got {budgets!r}")
+    checked = {}
+    for budget in budgets:
+        value = apply_ats(copy.deepcopy(vit), blocks=range(1, len(vit.blocks)), budget=budget).ats_config.budgets[0]
+        checked.setdefault((type(value), value), value)  # 1 token and the ratio 1.0 are different budgets
+    return list(checked.values())
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Delete the temporary folders of studies into ``out`` that were killed (their process is gone)."""
+    prefix = f".{out.name}."
+    for folder in out.parent.iterdir():
+        if not folder.name.startswith(prefix):
+            continue
+        kind, _, rest = folder.name[len(prefix):].partition("-")
+        pid = rest.partition("-")[0]
+        if kind not in ("partial", "old") or not pid.isdigit() or not folder.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
+def _publish(work: Path, out: Path) -> None:
+    """Rename the finished ``work`` folder to ``out``; a previous study's folder there is deleted only afterwards."""
+    old = None
+    if out.exists():
+        old = work.with_name(work.name.replace(".partial-", ".old-"))
+        os.replace(out, old)
+    try:
+        os.replace(work, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
+
+
 def run_study(
     out_dir: str | Path,
     vit: str = DEFAULT_VIT,
     fan: str = DEFAULT_FAN,
     limit: int = 1000,
     severities: Sequence[int] = (1, 2, 3, 4, 5),
-    budgets: Sequence[float | None] = (None, 0.75, 0.5, 0.35),
+    budgets: Sequence[Budget] = (None, 0.75, 0.5, 0.35),
     analysis_images: int = 64,
     noise_std: float = 0.5,
     batch_size: int = 100,
     gmacs_images: int = 200,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> dict:
-    """Run the three parts on the first ``limit`` Fashion-MNIST test images and write everything to ``out_dir``."""
-    if min(limit, analysis_images, gmacs_images, batch_size) <= 0:
-        raise InvalidArgumentError("limit, analysis_images, gmacs_images and batch_size must be positive")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Run the three parts on the first ``limit`` Fashion-MNIST test images and write everything to ``out_dir``.
+
+    Every argument is checked before any image is read. ``out_dir`` is replaced as a whole when the study is done
+    (it must be new, empty or a previous study's folder); until then the results grow in a hidden sibling folder,
+    which a failure removes (and the next run, if the process was killed).
+    """
+    for name, value in (("limit", limit), ("analysis_images", analysis_images), ("gmacs_images", gmacs_images),
+                        ("batch_size", batch_size)):
+        _check_positive(name, value)
+    severities = list(dict.fromkeys(severities))  # a repeated severity would count twice in the means
+    if not severities or any(isinstance(s, bool) or s not in SEVERITIES for s in severities):
+        raise InvalidArgumentError(f"severities must be a non-empty list of {list(SEVERITIES)}, got {severities}")
+    if isinstance(noise_std, bool) or not isinstance(noise_std, numbers.Real) or not 0 <= noise_std < math.inf:
+        raise InvalidArgumentError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+    if vit == fan:
+        raise InvalidArgumentError(f"the ViT and the FAN must be two different models, got {vit!r} twice")
+    out = Path(out_dir).resolve()
+    _check_out(out)
+    device = torch.device(device)
     models = {name: create_model(name, pretrained=True).eval() for name in (vit, fan)}
-    summary = {
-        "models": {n: {"params": sum(p.numel() for p in m.parameters())} for n, m in models.items()},
-        "settings": {"limit": limit, "severities": list(severities), "budgets": list(budgets),
-                     "analysis_images": analysis_images, "noise_std": noise_std, "gmacs_images": gmacs_images},
-    }
-    summary["robustness"] = _robustness(models, limit, severities, out, progress)
-    summary["ats"] = _ats(models[vit], limit, budgets, batch_size, gmacs_images, progress)
-    write_csv(out / "ats.csv", list(summary["ats"]["rows"][0]), [list(r.values()) for r in summary["ats"]["rows"]])
-    _plot_ats(summary["ats"]["rows"], out / "ats_accuracy_vs_gmacs.png")
-    summary["grouping"] = _grouping(models, analysis_images, noise_std, out)
-    write_json(out / "summary.json", summary)
-    atomic_write(out / "summary.md", _markdown(summary).encode())
+    budgets = _check_budgets(models[vit], budgets)
+    for model in models.values():
+        check_classes(list(CLASSES), model.num_classes)
+        model.to(device)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out)
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-{os.getpid()}-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(work, 0o777 & ~umask)  # mkdtemp makes the folder private; give it the permissions mkdir would
+    try:
+        summary = {
+            "models": {n: {"params": sum(p.numel() for p in m.parameters())} for n, m in models.items()},
+            "settings": {"limit": limit, "severities": severities, "budgets": budgets,
+                         "analysis_images": analysis_images, "noise_std": noise_std, "gmacs_images": gmacs_images},
+        }
+        summary["robustness"] = _robustness(models, limit, severities, work, progress, device)
+        summary["ats"] = _ats(models[vit], limit, budgets, batch_size, gmacs_images, progress)
+        rows = summary["ats"]["rows"]
+        write_csv(work / "ats.csv", list(rows[0]), [list(r.values()) for r in rows])
+        _plot_ats(rows, work / "ats_accuracy_vs_gmacs.png")
+        summary["grouping"] = _grouping(models, analysis_images, noise_std, work)
+        write_json(work / "summary.json", summary)
+        atomic_write(work / "summary.md", _markdown(summary).encode())
+        _publish(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return json.loads(json.dumps(summary))

@@ -339,3 +339,42 @@ def test_cli_user_errors_exit_2(tmp_path, capsys, image_folder):
     assert main(["analyze", "spectra", *TINY_ARGS, "--dataset", str(tmp_path / "missing")]) == 2
     assert main(["analyze", "spectra", *TINY_ARGS, "--checkpoint", str(tmp_path / "none.pth"), *common]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "analysis,extra,message",
+    [
+        ("spectra", ["--device", "banana"], "--device 'banana' is not a device"),
+        ("spectra", ["--num-images", "0"], "--num-images must be at least 1"),
+        ("perturbation", ["--batch-size", "0"], "--batch-size must be at least 1"),
+        ("perturbation", ["--noise-std", "nan"], "--noise-std must be finite"),
+        ("clusters", ["--k", "0"], "--k must be at least 1"),
+        ("ats", ["--mask-images", "0"], "--mask-images must be at least 1"),
+        ("ats", ["--budget", "lots"], "--budget: a budget is"),
+    ],
+)
+def test_cli_bad_arguments_fail_before_any_work(tmp_path, capsys, monkeypatch, analysis, extra, message):
+    """One clear line, and no model built, no image read, no folder made."""
+    monkeypatch.setattr(ravit, "create_model", lambda *a, **k: pytest.fail("the model was built"))
+    out = tmp_path / "out"
+    assert main(["analyze", analysis, *TINY_ARGS, "--output", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ravit analyze: error:") and message in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_cli_output_under_a_file_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ravit, "create_model", lambda *a, **k: pytest.fail("the model was built"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["analyze", "spectra", *TINY_ARGS, "--output", str(blocker / "sub")]) == 2
+    assert "which is a file" in capsys.readouterr().err
+
+
+def test_cli_ats_budget_is_never_truncated(tmp_path, capsys, image_folder):
+    """--budget 2.5 ran as 2 tokens; now it is the same error as ravit.apply_ats(budget=2.5), before any image."""
+    argv = ["analyze", "ats", *TINY_ARGS, "--dataset", str(image_folder), "--output", str(tmp_path / "out"),
+            "--ats-blocks", "1", "2", "--budget", "2.5"]
+    assert main(argv) == 2
+    assert "never rounded" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -12,6 +12,7 @@ import ravit
 from ravit.ats import UnsupportedModelError, apply_ats, has_ats, remove_ats, trace
 from ravit.ats.sampling import class_attention_scores, topk_sampling
 from ravit.bench.flops import count_gmacs
+from ravit.errors import InvalidArgumentError
 
 
 def peaky_vit(seed: int = 0, **kwargs) -> VisionTransformer:
@@ -343,3 +344,95 @@ def test_unsupported_block_type():
 def test_public_exports():
     assert ravit.apply_ats is apply_ats and ravit.remove_ats is remove_ats
     assert callable(ravit.ats.trace)
+
+
+# ----------------------------------------------------------------------------- budget rule and hostile input
+
+
+@pytest.mark.parametrize(
+    "budget,expected",
+    [(3.0, 3), (64.0, 64), (1.0, 1.0), (1, 1), (0.5, 0.5), ([None, 4.0, 0.5], (None, 4, 0.5))],
+)
+def test_budget_rule_whole_floats_count_tokens(budget, expected):
+    """A float above 1 is a token count only when whole (3.0 -> 3); 1.0 stays the ratio 'all', 1 one token."""
+    model = apply_ats(peaky_vit(), blocks=[1, 2, 3], budget=budget)
+    expected = expected if isinstance(expected, tuple) else (expected,) * 3
+    assert model.ats_config.budgets == expected
+    assert [type(b) for b in model.ats_config.budgets] == [type(b) for b in expected]
+
+
+@pytest.mark.parametrize(
+    "budget,match",
+    [
+        (2.5, r"2\.5 is out of range.*token count \(an integer >= 1\) or a ratio in \(0, 1\]"),
+        (64.5, "never rounded"),
+        (float("nan"), "out of range"),
+        (float("inf"), "out of range"),
+        (0.005, "leaves no patch token"),  # round(64 x 0.005) = 0 tokens at the first ATS block
+        ([0.5, 0.02, 0.5], "block 3 leaves no patch token"),  # 64 -> 32 -> 1 -> round(0.5) = 0
+    ],
+)
+def test_budget_that_is_no_count_or_keeps_nothing_is_refused(budget, match):
+    model = peaky_vit()
+    with pytest.raises(InvalidArgumentError, match=match):
+        apply_ats(model, blocks=[1, 2, 3], budget=budget)
+    assert not has_ats(model)
+
+
+def test_parse_budget():
+    from ravit.ats import parse_budget
+    assert parse_budget("none") is None and parse_budget("ALL") is None
+    assert parse_budget("3") == 3 and isinstance(parse_budget("3"), int)
+    assert parse_budget("1") == 1 and isinstance(parse_budget("1"), int)
+    assert parse_budget("1.0") == 1.0 and isinstance(parse_budget("1.0"), float)
+    assert parse_budget("2.5") == 2.5  # parsed as written; apply_ats refuses it
+    for bad in ("lots", "nan", "inf", ""):
+        with pytest.raises(InvalidArgumentError, match="a budget is"):
+            parse_budget(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_integer_images_are_refused(images, dtype):
+    """uint8 pixels must not run through an ATS model: a clear error that says to pass float images."""
+    model = apply_ats(peaky_vit(), blocks=[1, 2, 3], budget=0.5)
+    pixels = (images.clamp(0, 1) * 255).to(dtype)
+    with pytest.raises(InvalidArgumentError, match="expected float images"):
+        model(pixels)
+    with pytest.raises(InvalidArgumentError, match="expected float images"):
+        trace(model, pixels)
+
+
+@pytest.mark.parametrize("shape,match", [((3, 32, 32), r"\(B, C, H, W\)"), ((2, 1, 32, 32), "3 input channels")])
+def test_badly_shaped_images_are_refused(shape, match):
+    model = apply_ats(peaky_vit(), blocks=[1])
+    with pytest.raises(InvalidArgumentError, match=match):
+        model(torch.randn(shape))
+
+
+@pytest.mark.parametrize("budget", [None, 0.5, 3])
+def test_empty_batch_gives_an_empty_result_like_the_dense_model(budget):
+    model = peaky_vit()
+    empty = torch.zeros(0, 3, 32, 32)
+    with torch.no_grad():
+        dense = model(empty)
+        apply_ats(model, blocks=[1, 2, 3], budget=budget)
+        out = model(empty)
+    assert dense.shape == out.shape == (0, 5)
+    result = trace(model, empty)
+    assert result.logits.shape == (0, 5) and result.kept_tokens.shape == (0, 3) and result.gmacs.shape == (0,)
+    assert result.kept_indices == [[], [], []]
+
+
+def test_custom_sampler_must_keep_a_token(images):
+    def keep_none(scores, valid, n_samples):
+        return torch.zeros_like(valid)
+
+    def not_a_mask(scores, valid, n_samples):
+        return scores
+
+    for sampler, match in ((keep_none, "kept no patch token"), (not_a_mask, "bool mask")):
+        model = apply_ats(peaky_vit(), blocks=[1, 2], sampler=sampler)
+        with pytest.raises(InvalidArgumentError, match=match):
+            model(images)
+    model = apply_ats(peaky_vit(), blocks=[1, 2], sampler=lambda s, v, n: topk_sampling(s, v, n))
+    assert model(images).shape == (6, 5)

@@ -81,3 +81,63 @@ def test_bad_input_is_one_clean_line(tmp_path, capsys, extra, message):
 def test_missing_data_folder(tmp_path, capsys):
     assert main(["ats", TINY[0], str(tmp_path / "nowhere"), *TINY[1:], "img_size=28", "--blocks", "1-3"]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--num-images", "0"], "--num-images must be at least 1"),
+        (["--limit", "-2"], "--limit must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--workers", "-1"], "--workers must be at least 0"),
+        (["--device", "banana"], "--device 'banana' is not a device"),
+        (["--budget", "nan"], "--budget expects"),
+    ],
+)
+def test_bad_counts_and_device_fail_before_any_work(tmp_path, capsys, monkeypatch, extra, message):
+    """Checked before a model is built or an image read (the model factory must not even be called)."""
+    import ravit
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was built before the arguments were checked")
+
+    monkeypatch.setattr(ravit, "create_model", no_work)
+    assert main(["ats", TINY[0], "fashion-mnist", *TINY[1:], "img_size=28", "in_chans=1", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ravit ats: error:") and message in err and "\n" not in err
+
+
+def test_output_under_a_file_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    import ravit
+
+    monkeypatch.setattr(ravit, "create_model", lambda *a, **k: pytest.fail("the model was built"))
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("not a folder")
+    argv = ["ats", TINY[0], "fashion-mnist", *TINY[1:], "--output", str(blocker / "ats")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is under" in err and "which is a file" in err and "\n" not in err
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("budget,message", [("2.5", "never rounded"), ("1.5", "never rounded"),
+                                             ("0.001", "leaves no patch token")])
+def test_budget_is_never_truncated(tmp_path, capsys, budget, message):
+    """--budget 2.5 used to run as 2 tokens elsewhere; a fraction above 1 is an error, and so is a ratio that keeps
+    nothing, before any image is read (DATA here does not exist)."""
+    argv = ["ats", TINY[0], str(tmp_path / "nowhere"), *TINY[1:], "img_size=28", "--blocks", "1-3",
+            "--budget", budget]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_whole_float_budget_counts_tokens(tmp_path):
+    """--budget 5.0 is 5 tokens, the same rule as ravit.apply_ats(budget=5.0)."""
+    _fashion_mnist_or_skip()
+    out = tmp_path / "out"
+    argv = ["ats", TINY[0], "fashion-mnist", *TINY[1:], "img_size=28", "in_chans=1", "--blocks", "2",
+            "--budget", "5.0", "--limit", "3", "--num-images", "1", "--device", "cpu", "--output", str(out)]
+    assert main(argv) == 0
+    record = json.loads((out / "ats.json").read_text())
+    assert record["ats"]["budgets"] == [5] and record["kept_tokens"][0]["max"] <= 1 + 5

@@ -99,3 +99,10 @@ def test_robustness_never_scores_a_random_head(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("ravit robustness: error: ") and "Traceback" not in err
     assert "head.weight: checkpoint (10, 192) vs model (5, 192)" in err
+
+
+def test_pretrained_without_released_weights_is_a_user_error():
+    import ravit
+
+    with pytest.raises(InvalidArgumentError, match="has no pretrained weights"):
+        ravit.create_model("fan_tiny_12_p16_224", pretrained=True)

@@ -156,6 +156,21 @@ def test_bad_input(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_integer_images_are_refused(name):
+    """uint8 pixels (0..255) must not run unnormalised nor fail deep in the stem: one clear error, every entry point."""
+    from ravit.errors import InvalidArgumentError
+
+    model = build(name).eval()
+    pixels = torch.randint(0, 256, (1, 3, IMG, IMG), dtype=torch.uint8)
+    for dtype in (torch.uint8, torch.int64, torch.bool):
+        with pytest.raises(InvalidArgumentError, match="(?i)float images"):
+            model(pixels.to(dtype))
+    with pytest.raises(InvalidArgumentError, match="(?i)float images"):
+        model.forward_intermediates(pixels)
+    assert model(pixels.float() / 255).shape == (1, 10)
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_checkpoint_round_trip(name, tmp_path):
     """save -> load gives equal outputs, through ravit.load_checkpoint and timm's pretrained_cfg_overlay; a timm
     training checkpoint (argparse.Namespace, numpy metric) loads weights_only with the head re-initialised."""

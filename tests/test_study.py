@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -14,6 +17,7 @@ except FileNotFoundError as err:  # pragma: no cover - depends on the machine
     pytest.skip(f"Fashion-MNIST is not installed: {err}", allow_module_level=True)
 
 from ravit.cli import main  # noqa: E402
+from ravit.robustness.registry import BENCHMARK_CORRUPTIONS  # noqa: E402
 
 
 def test_study_writes_every_result(tmp_path):
@@ -41,3 +45,103 @@ def test_study_writes_every_result(tmp_path):
 def test_study_rejects_bad_settings(tmp_path, capsys):
     assert main(["study", "--out", str(tmp_path), "--limit", "0"]) == 2
     assert "must be positive" in capsys.readouterr().err
+
+
+def test_small_run_has_no_division_by_zero_and_replaces_an_old_run(tmp_path, capsys):
+    """The issue's command (10 images < the batch, one severity): the ViT makes no error on some corruption, so the
+    mCE against it is undefined: reported as n/a, not a ZeroDivisionError. A previous study's folder is replaced
+    whole: a file it left (another model's robustness folder) does not survive the rerun."""
+    out = tmp_path / "study"
+    stale = out / "robustness" / "old_model" / "robustness.csv"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("stale")
+    (out / "summary.json").write_text("{}")
+    code = main(["study", "--out", str(out), "--limit", "10", "--severities", "1", "--budgets", "0.5",
+                 "--gmacs-images", "4", "--analysis-images", "4", "--no-progress"])
+    assert code == 0
+    assert not stale.parent.exists()
+    assert sorted(p.name for p in (out / "robustness").iterdir()) == ["fmnist_deit_p4", "fmnist_fan_p4"]
+    assert [p.name for p in tmp_path.iterdir()] == ["study"]  # no temporary sibling left
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["limit"] == 10 and summary["settings"]["severities"] == [1]
+    vit = summary["robustness"]["fmnist_deit_p4"]
+    vit_perfect = [c for c in BENCHMARK_CORRUPTIONS if vit["per_corruption"][c] == 1.0]
+    assert vit_perfect, "the regression needs a corruption on which the ViT makes no error"
+    assert all(r["mce_vs_vit_15"] is None for r in summary["robustness"].values())
+    assert "n/a" in (out / "summary.md").read_text() and "n/a" in capsys.readouterr().out
+    rows = {(r["sampler"], r["budget"]) for r in summary["ats"]["rows"]}
+    assert rows == {("dense", "all"), ("inverse_transform", 0.5), ("topk", 0.5)}
+
+
+def test_crash_leaves_the_previous_results_and_no_partial_folder(tmp_path, monkeypatch):
+    """A study that fails half-way (here in its ATS part, after the robustness files were written) changes nothing
+    in the output folder and leaves no temporary folder behind; the one a killed study left is removed."""
+    import ravit.study
+
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "summary.json").write_text('{"previous": true}')
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = tmp_path / f".study.partial-{dead.pid}-abc123"  # what a SIGKILLed study leaves
+    killed.mkdir()
+    (killed / "summary.md").write_text("half")
+    alive = tmp_path / f".study.partial-{os.getpid()}-def456"  # a study still running: not touched
+    alive.mkdir()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(ravit.study, "_ats", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ravit.study.run_study(out, limit=2, severities=[1], budgets=[0.5], gmacs_images=1, analysis_images=1,
+                              progress=False)
+    assert [p.name for p in out.iterdir()] == ["summary.json"]
+    assert json.loads((out / "summary.json").read_text()) == {"previous": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "study"]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--budgets", "2.5"], "never rounded"),
+        (["--budgets", "1.5"], "never rounded"),
+        (["--budgets", "0"], "out of range"),
+        (["--budgets", "-0.5"], "out of range"),
+        (["--budgets", "0.001"], "leaves no patch token"),
+        (["--budgets", "lots"], "--budgets: a budget is"),
+        (["--gmacs-images", "0"], "gmacs_images must be positive"),
+        (["--analysis-images", "-1"], "analysis_images must be positive"),
+        (["--noise-std", "nan"], "noise_std must be a finite number"),
+        (["--device", "banana"], "--device 'banana' is not a device"),
+        (["--fan", "fmnist_deit_p4"], "two different models"),
+        (["--vit", "fmnist_fan_p4", "--fan", "fmnist_deit_p4"], "ATS supports timm VisionTransformer"),
+    ],
+)
+def test_bad_settings_fail_before_any_work(tmp_path, capsys, monkeypatch, extra, message):
+    """One line, exit code 2, no image read and no folder made."""
+    import ravit.study
+
+    monkeypatch.setattr(ravit.study, "_robustness", lambda *a, **k: pytest.fail("the study started"))
+    out = tmp_path / "study"
+    assert main(["study", "--out", str(out), "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ravit study: error:") and message in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_folder_that_cannot_be_replaced(tmp_path, capsys, monkeypatch):
+    """A file, a path under a file, or a folder holding files a study does not write: refused, nothing touched."""
+    import ravit.study
+
+    monkeypatch.setattr(ravit.study, "_robustness", lambda *a, **k: pytest.fail("the study started"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for out, message in ((blocker, "is a file"), (blocker / "sub", "which is a file"), (mine, "notes.txt")):
+        assert main(["study", "--out", str(out), "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep me" and blocker.read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine"]

@@ -1,4 +1,5 @@
-"""Writing analysis results: JSON and CSV, each written to a temporary file and renamed, so none is half-written."""
+"""Writing analysis results: JSON and CSV, each written to a temporary file and renamed, so none is half-written;
+and the check, before any work, that an output folder can be made where the user asked."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["atomic_write", "write_csv", "write_json"]
+from ravit.errors import InvalidArgumentError
+
+__all__ = ["atomic_write", "check_output_dir", "write_csv", "write_json"]
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
@@ -43,3 +46,18 @@ def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Seq
     writer.writerow(header)
     writer.writerows(rows)
     return atomic_write(path, buffer.getvalue().encode())
+
+
+def check_output_dir(path: str | os.PathLike, flag: str = "--output") -> Path:
+    """Refuse, before any work, an output folder that cannot be made: it, or a folder above it, is a regular file.
+
+    ``flag`` names the argument in the message. Nothing is created; returns ``path`` as a Path.
+    """
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists():  # the nearest existing ancestor (a path under a file does not "exist")
+            if not folder.is_dir():
+                where = "is a file" if folder == path else f"is under {folder}, which is a file"
+                raise InvalidArgumentError(f"{flag} {path} {where}, not a folder; choose another output path")
+            break
+    return path

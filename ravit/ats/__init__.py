@@ -8,7 +8,7 @@ arXiv 2111.15667) as a parameter-free plug-in for timm ViTs.
 - :mod:`ravit.ats.trace`: per-image kept tokens and GMACs.
 """
 
-from ravit.ats.config import SAMPLERS, ATSConfig
+from ravit.ats.config import SAMPLERS, ATSConfig, parse_budget
 from ravit.ats.patch import SUPPORTED, UnsupportedModelError, apply_ats, has_ats, remove_ats
 from ravit.ats.sampling import class_attention_scores, inverse_transform_sampling, samples_per_image, topk_sampling
 from ravit.ats.trace import ATSTrace, trace
@@ -23,6 +23,7 @@ __all__ = [
     "class_attention_scores",
     "has_ats",
     "inverse_transform_sampling",
+    "parse_budget",
     "remove_ats",
     "samples_per_image",
     "topk_sampling",

@@ -3,10 +3,13 @@
 One meaning per type: ``None`` = the released default (K = the original patch count at every ATS block, "all
 tokens"); ``int`` = K, the number of points sampled on the y-axis (patch tokens; prefix tokens are always kept on top);
 ``float`` in (0, 1] = K as that fraction of the patch tokens entering the block. A sequence gives one value per block.
+A float above 1 counts tokens only when it is a whole number (``3.0`` is 3 tokens; ``2.5`` is an error, never rounded).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -16,7 +19,7 @@ import torch
 from ravit.ats.sampling import inverse_transform_sampling, topk_sampling
 from ravit.errors import InvalidArgumentError
 
-__all__ = ["ATSConfig", "SAMPLERS", "Budget", "Sampler"]
+__all__ = ["ATSConfig", "SAMPLERS", "Budget", "Sampler", "parse_budget"]
 
 Budget = int | float | None
 Sampler = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -24,11 +27,37 @@ Sampler = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SAMPLERS: dict[str, Sampler] = {"inverse_transform": inverse_transform_sampling, "topk": topk_sampling}
 
 
+_BUDGET_RULE = "a budget is 'none', a token count (an integer >= 1) or a ratio in (0, 1]"
+
+
+def parse_budget(text: str) -> Budget:
+    """One budget as written on a command line: ``none``/``all`` -> None, ``7`` -> 7 tokens, ``0.5`` -> a ratio.
+
+    The text's form decides between the two meanings of 1: ``1`` is one token, ``1.0`` all of them. Ranges are
+    checked against the model by :meth:`ATSConfig.build`.
+    """
+    if text.strip().lower() in ("none", "all"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidArgumentError(f"{_BUDGET_RULE}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise InvalidArgumentError(f"{_BUDGET_RULE}, got {text!r}")
+    return value
+
+
 def _check_budget(value: object, num_patches: int) -> Budget:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InvalidArgumentError(f"budget must be None, an int token count or a float ratio in (0, 1], got {value!r}")
+    if not isinstance(value, numbers.Integral) and float(value) > 1.0 and float(value).is_integer():
+        value = int(value)  # 3.0 tokens is 3 tokens
     if isinstance(value, numbers.Integral):
         if not 1 <= int(value) <= num_patches:
             raise InvalidArgumentError(
@@ -37,8 +66,26 @@ def _check_budget(value: object, num_patches: int) -> Budget:
             )
         return int(value)
     if not 0.0 < float(value) <= 1.0:
-        raise InvalidArgumentError(f"budget ratio {float(value)} is out of range (0, 1]; use an int for a token count")
+        raise InvalidArgumentError(
+            f"budget {float(value)} is out of range: {_BUDGET_RULE} (a fraction above 1 is neither; it is never "
+            f"rounded to a count)")
     return float(value)
+
+
+def _check_some_patch_left(blocks: Sequence[int], budgets: Sequence[Budget], num_patches: int) -> None:
+    """A ratio that rounds to no token even when every earlier ATS block keeps all it may would keep no patch token
+    (the sampler then keeps one token whatever the ratio says): refuse it instead of changing its meaning."""
+    most = num_patches  # an upper bound on the patch tokens entering the block: sampling keeps K' <= K (Sec. 3.2)
+    for block, budget in zip(blocks, budgets, strict=True):
+        if isinstance(budget, float):
+            k = round(most * budget)
+            if k < 1:
+                raise InvalidArgumentError(
+                    f"budget ratio {budget} at ATS block {block} leaves no patch token: at most {most} tokens enter "
+                    f"it and round({most} x {budget}) = 0; use a larger ratio, an int count or fewer ATS blocks")
+            most = min(most, k)
+        elif budget is not None:
+            most = min(most, budget)
 
 
 @dataclass(frozen=True)
@@ -81,6 +128,7 @@ class ATSConfig:
         else:
             budgets = [_check_budget(budget, num_patches)] * len(blocks)
         pairs = sorted(zip((int(b) for b in blocks), budgets, strict=True), key=lambda p: p[0])
+        _check_some_patch_left([b for b, _ in pairs], [v for _, v in pairs], num_patches)
 
         if isinstance(sampler, str):
             if sampler not in SAMPLERS:
@@ -91,4 +139,17 @@ class ATSConfig:
         return cls(blocks=tuple(b for b, _ in pairs), budgets=tuple(v for _, v in pairs), sampler=sampler)
 
     def sampler_fn(self) -> Sampler:
-        return SAMPLERS[self.sampler] if isinstance(self.sampler, str) else self.sampler
+        """The sampler to call; a user's callable comes wrapped in a check of what it returns."""
+        return SAMPLERS[self.sampler] if isinstance(self.sampler, str) else functools.partial(_checked, self.sampler)
+
+
+def _checked(sampler: Sampler, scores: torch.Tensor, valid: torch.Tensor, n_samples: torch.Tensor) -> torch.Tensor:
+    """Run a user's sampler and refuse a result that is not a (B, N) bool mask or keeps no patch token of an image
+    (the built-in samplers keep at least one by construction)."""
+    keep = sampler(scores, valid, n_samples)
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != scores.shape:
+        got = f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise InvalidArgumentError(f"an ATS sampler must return a bool mask of shape {tuple(scores.shape)}, got {got}")
+    if not bool((keep & valid).any(dim=1).all()):
+        raise InvalidArgumentError("the ATS sampler kept no patch token of an image; it must keep at least one")
+    return keep

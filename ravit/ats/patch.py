@@ -88,6 +88,22 @@ def _select(scores: torch.Tensor, valid: torch.Tensor, sampler: Sampler, budget:
     return sampler(scores, valid, samples_per_image(budget, valid.sum(dim=1), n_ref))
 
 
+def _check_images(model: VisionTransformer, images: torch.Tensor) -> None:
+    """A float (B, C, H, W) batch with the model's channels: integer pixels (uint8 0..255) would not be normalised."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise InvalidArgumentError(f"expected a batch of images (B, C, H, W), got {shape}")
+    if not images.is_floating_point():
+        raise InvalidArgumentError(
+            f"expected float images, got {images.dtype}: convert and normalise them first, e.g. "
+            f"images.float() / 255 then the model's mean and std")
+    proj = getattr(model.patch_embed, "proj", None)
+    chans = getattr(proj, "in_channels", None)
+    if chans is not None and images.shape[1] != chans:
+        raise InvalidArgumentError(
+            f"expected {chans} input channels, got {images.shape[1]} (shape {tuple(images.shape)})")
+
+
 def ats_forward_features(
     model: VisionTransformer, images: torch.Tensor, record: list[Tokens] | None = None
 ) -> tuple[torch.Tensor, Tokens]:
@@ -99,9 +115,16 @@ def ats_forward_features(
         record: if given, the tokens leaving each ATS block are appended to it (used by ``trace``).
     """
     cfg: ATSConfig = model.ats_config
+    _check_images(model, images)
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))  # (B, N, C)
     B, N, C = x.shape
     P = model.num_prefix_tokens
+    if B == 0:  # an empty batch gives an empty result, as the host model's dense forward does
+        empty = Tokens(x.reshape(0, C), torch.zeros(0, dtype=torch.long, device=x.device),
+                       torch.zeros(0, dtype=torch.long, device=x.device), 0)
+        if record is not None:
+            record.extend([empty] * len(cfg.blocks))
+        return model.norm(x), empty
     use_checkpoint = model.grad_checkpointing and torch.is_grad_enabled()
     for block in model.blocks[: cfg.blocks[0]]:  # dense blocks before the first ATS block: the host's own forward
         x = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)

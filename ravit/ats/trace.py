@@ -43,12 +43,10 @@ def trace(model: nn.Module, images: torch.Tensor, count_gmacs: bool = True) -> A
 
     Runs in the model's current mode (call ``model.eval()`` for inference). ``count_gmacs`` adds one batch-of-one
     forward under ``FlopCounterMode`` per distinct kept-token profile (images with equal profiles cost the same).
+    An empty batch gives an empty trace, as the model gives empty logits.
     """
     if not has_ats(model):
         raise InvalidArgumentError("trace needs a model with ATS applied: call ravit.apply_ats(model, ...) first")
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise InvalidArgumentError(
-            f"expected a non-empty batch of images (B, C, H, W), got shape {tuple(images.shape)}")
     record = []
     features, _ = ats_forward_features(model, images, record)
     logits = model.forward_head(features)

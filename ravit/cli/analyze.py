@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ravit.cli import CLIError
-from ravit.cli._args import add_weight_arguments, parse_model_kwargs
+from ravit.cli._args import add_weight_arguments, parse_model_kwargs, resolve_device
 from ravit.errors import InvalidArgumentError, MissingFileError
 
 __all__ = ["register", "run"]
@@ -88,7 +88,7 @@ def _add_attention(p: argparse.ArgumentParser) -> None:
 
 def _add_ats(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ats-blocks", type=int, nargs="+", help="blocks that sample (default: apply_ats's, 3..11)")
-    p.add_argument("--budget", type=float, help="tokens per ATS block: a count (>1) or a ratio in (0, 1]")
+    p.add_argument("--budget", help="tokens per ATS block: none, a count (an integer >= 1) or a ratio in (0, 1]")
     p.add_argument("--sampler", default="inverse_transform", help="inverse_transform or topk")
     p.add_argument("--mask-images", type=int, default=6, help="images shown in the kept-token masks figure")
 
@@ -114,21 +114,39 @@ def register(subparsers) -> None:
         )
         _add_common(sub, num_images, dataset_level)
         add_arguments(sub)
-        sub.set_defaults(func=func)
-    parser.set_defaults(func=run)
+        sub.set_defaults(func=run, run_analysis=func)
 
 
 def run(args) -> int:
-    return int(args.func(args) or 0)
+    _check_arguments(args)
+    return int(args.run_analysis(args) or 0)
+
+
+def _check_arguments(args) -> None:
+    """Counts, the device and the output path, before a model is built or an image read."""
+    from ravit.analysis.results import check_output_dir
+    from ravit.ats import parse_budget
+
+    counts = [("--num-images", args.num_images, 1), ("--batch-size", args.batch_size, 1),
+              ("--workers", args.workers, 0)]
+    counts += [(f"--{name.replace('_', '-')}", getattr(args, name), 1) for name in ("k", "mask_images")
+               if hasattr(args, name)]
+    for flag, value, least in counts:
+        if value < least:
+            raise InvalidArgumentError(f"{flag} must be at least {least}, got {value}")
+    for std in getattr(args, "noise_std", None) or []:
+        if not std >= 0 or std == float("inf"):
+            raise InvalidArgumentError(f"--noise-std must be finite and >= 0, got {std}")
+    if getattr(args, "budget", None) is not None:
+        try:
+            parse_budget(args.budget)  # its form here; its range against the model in apply_ats
+        except InvalidArgumentError as err:
+            raise InvalidArgumentError(f"--budget: {err}") from None
+    resolve_device(args.device)
+    check_output_dir(_output_path(args))
 
 
 # --- model and data -----------------------------------------------------------------------------------------------
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _load_model(args) -> torch.nn.Module:
     import ravit
 
@@ -136,15 +154,10 @@ def _load_model(args) -> torch.nn.Module:
         raise MissingFileError(f"checkpoint not found: {args.checkpoint}")
     kwargs = parse_model_kwargs(args.model_kwargs)
     torch.manual_seed(args.seed)  # random-weight models (no --pretrained / --checkpoint) are then reproducible
-    try:
-        model = ravit.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint, **kwargs)
-    except TypeError as err:  # an argument the model does not take
-        raise CLIError(f"cannot build {args.model!r} with {kwargs}: {err}") from None
-    except RuntimeError as err:  # no shipped weights, or a checkpoint that does not fit the model
-        if not (args.pretrained or args.checkpoint):
-            raise
-        raise CLIError(f"cannot load weights into {args.model!r}: {err}") from None
-    return model.eval().to(_device(args.device))
+    # An analysis of a checkpoint with a re-initialised classifier would describe random weights: no new head here.
+    model = ravit.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint,
+                               new_head=False, **kwargs)
+    return model.eval().to(resolve_device(args.device))
 
 
 def _input_spec(model: torch.nn.Module) -> tuple[tuple[int, int], int]:
@@ -225,8 +238,12 @@ def _images(args, model, count: int) -> tuple[torch.Tensor, list[int], list[int]
     return images, indices, [int(label) for _, label in items]
 
 
+def _output_path(args) -> Path:
+    return Path(args.output) if args.output else Path("runs/analyze") / args.model.replace("/", "_")
+
+
 def _output(args) -> Path:
-    path = Path(args.output) if args.output else Path("runs/analyze") / args.model.replace("/", "_")
+    path = _output_path(args)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -335,8 +352,6 @@ def _run_clusters(args) -> int:
     images, indices, labels = _images(args, model, args.num_images)
     depth = len(block_names(model))
     blocks = args.blocks if args.blocks else sorted({round(i * (depth - 1) / 3) for i in range(4)})
-    if args.k < 1:
-        raise InvalidArgumentError(f"--k must be >= 1, got {args.k}")
     outputs = block_outputs(model, images, indices=blocks)
     maps, record_blocks = {}, []
     for name, tokens, grid in zip(outputs.names, outputs.tokens, outputs.grids, strict=True):
@@ -410,13 +425,14 @@ def _run_ats(args) -> int:
         write_csv,
         write_json,
     )
+    from ravit.ats import parse_budget
 
     model = _load_model(args)
     kwargs = dict(sampler=args.sampler)
     if args.ats_blocks:
         kwargs["blocks"] = args.ats_blocks
     if args.budget is not None:
-        kwargs["budget"] = int(args.budget) if args.budget > 1 else args.budget
+        kwargs["budget"] = parse_budget(args.budget)
     ravit.apply_ats(model, **kwargs)
     stats = ats_statistics(model, _batches(args, model, "ats"))
     images, indices, labels = _images(args, model, args.mask_images)

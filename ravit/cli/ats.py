@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ravit.cli import CLIError
-from ravit.cli._args import add_weight_arguments, parse_model_kwargs
+from ravit.cli._args import add_weight_arguments, parse_model_kwargs, resolve_device
 from ravit.errors import InvalidArgumentError, MissingFileError
 
 __all__ = ["register", "run"]
@@ -43,16 +43,25 @@ def _parse_blocks(items: list[str]) -> list[int]:
 
 def _parse_budget(items: list[str]) -> int | float | None | list:
     """``none`` | an int count | a ratio with a decimal point; one value, or one per ATS block."""
+    from ravit.ats import parse_budget
+
     values = []
     for item in items:
-        if item.lower() in ("none", "all"):
-            values.append(None)
-            continue
         try:
-            values.append(float(item) if any(c in item for c in ".eE") else int(item))
-        except ValueError:
-            raise CLIError(f"--budget expects 'none', an int token count or a ratio like 0.7, got {item!r}") from None
+            values.append(parse_budget(item))
+        except InvalidArgumentError:
+            raise CLIError(
+                f"--budget expects 'none', an int token count >= 1 or a ratio in (0, 1] like 0.7, got {item!r}"
+            ) from None
     return values[0] if len(values) == 1 else values
+
+
+def _check_arguments(args) -> None:
+    """Counts and paths, before a model is built or an image read."""
+    for flag, value, least in (("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
+                               ("--num-images", args.num_images, 1), ("--workers", args.workers, 0)):
+        if value is not None and value < least:
+            raise CLIError(f"{flag} must be at least {least}, got {value}")
 
 
 def register(subparsers) -> None:
@@ -116,16 +125,16 @@ def run(args) -> int:
     import ravit
     from ravit.analysis.ats_masks import kept_token_histogram, kept_token_masks
     from ravit.analysis.plots import plot_histogram, plot_image_maps, plot_token_histogram
-    from ravit.analysis.results import write_csv, write_json
+    from ravit.analysis.results import check_output_dir, write_csv, write_json
     from ravit.ats import apply_ats, remove_ats, trace
     from ravit.bench.flops import count_gmacs
 
     blocks, budget = _parse_blocks(args.blocks), _parse_budget(args.budget)
-    if args.limit is not None and args.limit < 1:
-        raise CLIError("--limit must be at least 1")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    _check_arguments(args)
+    device = resolve_device(args.device)
+    out = check_output_dir(args.output or Path("runs/ats") / args.model)
     model = ravit.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint,
-                               **parse_model_kwargs(args.model_kwargs)).eval().to(device)
+                               new_head=False, **parse_model_kwargs(args.model_kwargs)).eval().to(device)
     apply_ats(model, blocks=blocks, budget=budget, sampler=args.sampler)  # validates before any data is read
     config = dict(blocks=list(model.ats_config.blocks), budgets=list(model.ats_config.budgets), sampler=args.sampler)
     remove_ats(model)
@@ -157,7 +166,6 @@ def run(args) -> int:
     labels, dense_pred, ats_pred = torch.cat(labels), torch.cat(dense_pred), torch.cat(ats_pred)
     kept, gmacs = torch.cat(kept), torch.cat(gmacs)  # (N, S), (N,)
 
-    out = Path(args.output or Path("runs/ats") / args.model)
     block_names = [f"blocks.{b}" for b in config["blocks"]]
     max_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
     histogram = kept_token_histogram(kept, max_tokens)  # (S, max_tokens + 1)

@@ -214,6 +214,10 @@ class FAN(nn.Module):
         batch, chans, H, W = x.shape
         if batch == 0:
             raise InvalidArgumentError("got an empty batch (0 images)")
+        if not x.is_floating_point():  # integer pixels (uint8 0..255) would run unnormalised or fail in the stem
+            raise InvalidArgumentError(
+                f"expected float images, got {x.dtype}: convert and normalise them first (e.g. x.float() / 255, "
+                f"then the model's mean and std)")
         if chans != self.in_chans:
             raise InvalidArgumentError(
                 f"expected {self.in_chans} input channels, got {chans} (input shape {tuple(x.shape)})")

@@ -263,6 +263,10 @@ class FANSwin(timm_swin.SwinTransformer):
         if batch == 0:
             raise InvalidArgumentError(
                 f"{name} got an empty batch (input shape {tuple(x.shape)}); pass at least one image")
+        if not x.is_floating_point():  # integer pixels (uint8 0..255) would run unnormalised or fail in the stem
+            raise InvalidArgumentError(
+                f"{name} expects float images, got {x.dtype}: convert and normalise them first (e.g. x.float() / 255, "
+                f"then the model's mean and std)")
         if H % self.stride or W % self.stride:
             raise InvalidArgumentError(f"{name} needs height and width divisible by its stride {self.stride} "
                              f"(patch {self.patch_size} × 2^{len(self.layers) - 1} patch merges), got {H}×{W}")
