@@ -13,7 +13,7 @@ SAMPLERS = [inverse_transform_sampling, topk_sampling]
 
 
 def reference_row(scores: torch.Tensor, n_grid: int) -> set[int]:
-    """One image, the released algorithm step by step (reference/ats.md §1.2), with torch.linspace for the grid."""
+    """One image, the released algorithm step by step (ATS Sec. 3.2, as released), with torch.linspace for the grid."""
     s = scores / scores.sum()
     sorted_s, order = torch.sort(s, stable=True)
     cdf = torch.cumsum(sorted_s, 0)

@@ -249,7 +249,7 @@ def test_drop_path_branch_matches_fused_branch():
 
 @pytest.mark.parametrize("dwconv_residual", [True, False])
 def test_channel_processing_matches_reference_math(dwconv_residual):
-    """ChannelProcessing (eval, BatchNorm with moved statistics) against fan.md §2 written out step by step."""
+    """ChannelProcessing (eval, BatchNorm with moved statistics) against FAN Eq. 7 written out step by step."""
     from ravit.layers import ChannelProcessing
 
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ Two sources, neither of which changes the model:
 - timm-style blocks (``blocks.{i}.attn`` with ``attn_drop`` applied to the softmax, as timm's ``Attention`` and
   ``AttentionExtract`` assume): inside a context, fused attention is switched off and the dropout's output (the
   attention probabilities, dropout being the identity in eval mode) is recorded by a forward hook. On exit the hooks
-  are removed and every ``fused_attn`` flag is restored; the explicit path gives the same numbers (DESIGN.md, 4).
+  are removed and every ``fused_attn`` flag is restored; the explicit path gives the same numbers as the fused one.
 
 The maps over the image (B, heads, h, w) are then the class token's row without its own column (``cls_attention``),
 or, for attention among patch tokens, the attention each patch *receives* averaged over all patch queries, or one

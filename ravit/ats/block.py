@@ -3,7 +3,7 @@ Sec. 3, "soft downsampling").
 
 The block's own children do the work (``norm1``, ``attn.qkv``, ``attn.q_norm``/``k_norm``, ``attn.norm``,
 ``attn.gate``, ``attn.proj``, ``ls1``, ``drop_path1``, ``norm2``, ``mlp``, ``ls2``, ``drop_path2``); nothing is
-copied or re-registered. Tokens really leave the computation (``reference/ats.md`` §5):
+copied or re-registered. Tokens really leave the computation (not only masked, as in the released code):
 
 - token-wise layers (norms, qkv, proj, MLP) run on the *packed* tokens of the batch, (T, C) with T = the sum of the
   images' token counts, so an image costs what it keeps, not the batch maximum;

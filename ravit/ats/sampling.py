@@ -2,10 +2,10 @@
 
 Everything here works on padded batches: row ``b`` of a ``(B, N)`` tensor holds image ``b``'s candidate (patch)
 tokens, ``valid`` marks which entries are real. Each row is computed on its own, so an image's result never depends
-on the other rows (the released code's does, ``reference/ats.md`` §1.3).
+on the other rows (the released code's does: adaptivetokensampling/ATS 9271257, ``ats_block.py``).
 
-Default selection (:func:`inverse_transform_sampling`) follows the released code run on one image (DESIGN.md
-decision 5), quirks included: scores sorted ascending before the cumulative sum, the CDF min-max normalised, the
+Default selection (:func:`inverse_transform_sampling`) follows the released code run on one image (ATS
+Sec. 3.2), quirks included: scores sorted ascending before the cumulative sum, the CDF min-max normalised, the
 y-grid starting at the smallest *positive* normalised CDF value (so the lowest-scoring token is never kept), the
 nearest CDF value picked (first index on ties), duplicates merged. The budget is the paper's: ``K`` points on the
 y-axis, ``K' <= K`` unique tokens kept.

@@ -1,7 +1,7 @@
 """``trace``: what ATS did to each image (Fayyaz et al., ECCV 2022, Sec. 4 "# tokens per stage", Fig. 5-6).
 
 Logits, the token count and the kept patch indices after every ATS block, and the GMACs each image cost, counted
-with ``FlopCounterMode`` on the image alone (GMACs = FLOPs / 2, the paper's unit; DESIGN.md decision 6).
+with ``FlopCounterMode`` on the image alone (GMACs = FLOPs / 2, the unit of ATS Sec. 4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""GMACs counted with ``torch.utils.flop_counter.FlopCounterMode`` (DESIGN.md decision 6).
+"""GMACs counted with ``torch.utils.flop_counter.FlopCounterMode`` (GMACs = FLOPs / 2, the papers' unit).
 
 Papers in this field (DeiT, FAN, ATS) report "GFLOPs" that are really GMACs (one multiply-add = 1), so we report
 GMACs = FLOPs / 2. In torch 2.14 the CPU fused-attention op ``_scaled_dot_product_flash_attention_for_cpu`` has no

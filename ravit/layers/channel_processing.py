@@ -1,6 +1,6 @@
 """Channel processing: FAN's "efficient channel attention" (ECA), the second half of a FAN block.
 
-FAN (Zhou et al., ICML 2022, arXiv 2204.12451) Sec. 3.2, Eq. 7 as released (fan.md §2): per head, a per-channel gate
+FAN (Zhou et al., ICML 2022, arXiv 2204.12451) Sec. 3.2, Eq. 7 as released: per head, a per-channel gate
 g_c = τ_h · sigmoid(Σ_n softmax_N(W_q z)[n, c] · mean_{c' in head} softmax_N(z)[n, c']) multiplies
 v = LN_v(DWConvMlp(z)). There is no key/value projection and no output projection; LN_v has eps 1e-5.
 """

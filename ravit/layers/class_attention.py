@@ -1,7 +1,7 @@
 """Class attention: the two XCiT-style blocks that pool FAN's patch tokens into the class token.
 
 CaiT (Touvron et al., 2021) Sec. 3 introduced class attention; FAN (arXiv 2204.12451) uses XCiT's block verbatim,
-quirks included (fan.md §2, official issue #19): patch tokens also receive +γ1·LN1(x); with ``tokens_norm`` LN2 is
+quirks included (official issue #19): patch tokens also receive +γ1·LN1(x); with ``tokens_norm`` LN2 is
 applied to every token and the residual of the MLP starts from the *normalised* tokens.
 """
 

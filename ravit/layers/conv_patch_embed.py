@@ -1,7 +1,7 @@
 """Convolutional patch embedding (XCiT, El-Nouby et al. 2021, Sec. 3; FAN adds the p4 option).
 
 Stages of [3×3 conv stride 2 (no bias) → BatchNorm] with GELU between stages: p16 = 3 → C/8 → C/4 → C/2 → C,
-p8 = 3 → C/4 → C/2 → C, p4 = 3 → C/4 → C (fan.md §2). Keys ``proj.{0,2,4,6}.{0 (conv), 1 (bn)}`` as released.
+p8 = 3 → C/4 → C/2 → C, p4 = 3 → C/4 → C (NVlabs/FAN ee1b7df). Keys ``proj.{0,2,4,6}.{0 (conv), 1 (bn)}`` as released.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """FAN's MLPs: fc1 → h + γ·DWConv(h) → fc2 (``DWConvMlp``), and the SE-MLP ablation (``SEMlp``).
 
-FAN (arXiv 2204.12451) Sec. 3 and the official ``Mlp``/``SEMlp``/swin ``FANMlp``. Quirks kept on purpose (fan.md §2):
+FAN (arXiv 2204.12451) Sec. 3 and the official ``Mlp``/``SEMlp``/swin ``FANMlp``. Quirks kept on purpose:
 the GELU after fc1 is never applied (the only non-linearities are inside the DWConv), and dropout acts on the DWConv
 branch before the residual. ``dwconv_residual=False`` gives FAN-Swin's variant, γ·DWConv(h) with no residual.
 """

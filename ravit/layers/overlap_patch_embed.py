@@ -1,5 +1,5 @@
 """Overlapping patch merging between FAN blocks whose widths differ (official ``OverlapPatchEmbed``, used by FAN's
-Hybrid-XL; FAN arXiv 2204.12451, fan.md §2): 3×3 conv stride 2 on the token grid, then LayerNorm (eps 1e-5).
+Hybrid-XL; FAN arXiv 2204.12451, as released): 3×3 conv stride 2 on the token grid, then LayerNorm (eps 1e-5).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Fourier positional encoding (XCiT, El-Nouby et al. 2021, Sec. 3), as used by FAN (arXiv 2204.12451).
 
 For a grid (H, W): per axis, positions i/(H+ε)·2π for i = 1..H, divided by 10000^{2⌊k/2⌋/D} (D = ``hidden_dim``),
-sin on even and cos on odd k; (y, x) features concatenated (2D channels), then a 1×1 conv to ``dim`` (fan.md §2).
+sin on even and cos on odd k; (y, x) features concatenated (2D channels), then a 1×1 conv to ``dim`` (XCiT Sec. 3).
 Computed for any grid, so models run at any input size divisible by their stride.
 """
 

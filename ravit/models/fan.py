@@ -5,7 +5,8 @@ A FAN block is pre-norm x + γ1·TokenMixing(LN x), then x + γ2·ChannelProcess
 patch embedding and a Fourier positional encoding come before the blocks, two XCiT class-attention blocks and the head
 after them. Every official FAN-ViT name is registered with the official state_dict keys and parameter counts; the
 same ``FAN`` class serves FAN-Hybrid through ``embed_layer`` and Hybrid-XL's width change through ``channel_dims``.
-Written from the paper and the facts in reference/fan.md (no official code copied; that code is NVIDIA-NC licensed).
+Written from the paper and the released model's shapes and outputs (no official code copied; that code is
+NVIDIA-NC licensed).
 """
 
 from __future__ import annotations
@@ -345,7 +346,7 @@ class FAN(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: FAN) -> dict[str, torch.Tensor]:
-    """Map an official FAN state dict onto ``model`` (fan.md §2): ``pos_embeder.*`` -> ``pos_embed.*`` (dropped when
+    """Map an official FAN state dict onto ``model``: ``pos_embeder.*`` -> ``pos_embed.*`` (dropped when
     the model has no PE), and a fused class-attention ``qkv`` split into ``q``, ``k``, ``v``. ravit files pass as-is."""
     out: dict[str, torch.Tensor] = {}
     has_pe = getattr(model, "pos_embed", None) is not None

@@ -1,7 +1,7 @@
 """FAN-Hybrid: the first ConvNeXt stages as a convolutional stem, then FAN blocks and class attention.
 
 FAN (Zhou et al., "Understanding The Robustness in Vision Transformers", ICML 2022, arXiv 2204.12451) Sec. 4
-(FAN-Hybrid; fan.md §1.3): ConvNeXt's 4×4 patchify stem and its first two stages (depths [3, 3], [3, 5] or [3, 7] at
+(FAN-Hybrid; FAN Sec. 4): ConvNeXt's 4×4 patchify stem and its first two stages (depths [3, 3], [3, 5] or [3, 7] at
 128/256 channels; Liu et al., arXiv 2201.03545) produce a stride-8 map, a 2×2 stride-2 convolution projects it to
 tokens (total stride 16, despite the "p4" in the names), and the FAN-ViT trunk of ``ravit.models.fan.FAN`` follows.
 

@@ -3,7 +3,7 @@
 FAN (Zhou et al., "Understanding The Robustness in Vision Transformers", ICML 2022, arXiv 2204.12451) Sec. 4 applies
 its channel attention to Swin (Liu et al., arXiv 2103.14030): windowed self-attention (W-MSA / SW-MSA, relative
 position bias) is kept, and the MLP of every block in the first three stages becomes ``ChannelProcessing`` whose
-DWConv-MLP has no residual around the DWConv (fan.md §1.4); the last stage keeps the plain MLP.
+DWConv-MLP has no residual around the DWConv (as released in NVlabs/FAN ee1b7df); the last stage keeps the plain MLP.
 
 The model is timm's ``SwinTransformer`` (patch embedding, patch merging, norm, head, ``forward_intermediates``,
 ``group_matcher`` …) whose stages are filled with ``FANSwinBlock``s. Window size, shift and masks are derived from
@@ -203,7 +203,7 @@ class FANSwinBlock(nn.Module):
 
 
 class FANSwin(timm_swin.SwinTransformer):
-    """Swin Transformer with FAN channel processing (arXiv 2204.12451 Sec. 4; fan.md §1.4).
+    """Swin Transformer with FAN channel processing (arXiv 2204.12451 Sec. 4).
 
     Built as timm's ``SwinTransformer`` (so ``forward_features``/``forward_head``/``forward_intermediates``,
     ``features_only``, ``group_matcher``, ``set_grad_checkpointing``, ``reset_classifier`` are timm's), with the
@@ -354,7 +354,7 @@ def _cfg(**kwargs) -> dict:
             "paper_ids": "arXiv:2204.12451", "origin_url": "https://github.com/NVlabs/FAN", **kwargs}
 
 
-# No FAN-Swin weights were released (fan.md §2); load your own with pretrained_cfg_overlay=dict(file=...).
+# No FAN-Swin weights were released (NVlabs/FAN ee1b7df); load your own with pretrained_cfg_overlay=dict(file=...).
 default_cfgs = generate_default_cfgs({
     "fan_swin_tiny_patch4_window7_224": _cfg(),
     "fan_swin_small_patch4_window7_224": _cfg(),

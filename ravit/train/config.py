@@ -1,7 +1,7 @@
 """Training configuration: one flat dataclass, filled from defaults < a YAML file < command-line flags.
 
 Every field is also a ``--flag`` of ``ravit train`` (underscores become dashes). A YAML key or a flag that names no
-field is an error that names it. Defaults follow the FAN recipe (Zhou et al. 2022, Sec. 4 / fan.md Sec. 1.6: AdamW,
+field is an error that names it. Defaults follow the FAN recipe (Zhou et al. 2022, Sec. 4: AdamW,
 cosine schedule with warm-up, weight decay 0.05, label smoothing 0.1), scaled down for small data.
 """
 
