@@ -39,3 +39,14 @@ def parity_dir() -> Path:
 @pytest.fixture(scope="session")
 def parity_manifest(parity_dir: Path) -> dict:
     return json.loads((parity_dir / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: a second thread costs more than it gains on a busy CI box."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

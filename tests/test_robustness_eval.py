@@ -27,13 +27,7 @@ from ravit.robustness.benchmarks import (
 from ravit.robustness.evaluate import evaluate_corruptions, evaluate_folder, evaluate_imagenet_c
 from ravit.robustness.writer import SourceImages, write_c_dataset
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()  # tiny tensors: a second thread costs more than it gains on a busy CI box
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------- metrics

@@ -22,13 +22,7 @@ from ravit.robustness import evaluate as ev
 from ravit.robustness.registry import image_generators
 from ravit.robustness.writer import SourceImages, source_images, unique_names, write_c_dataset
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()  # tiny tensors: a second thread costs more than it gains on a busy CI box
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Recorder(nn.Module):

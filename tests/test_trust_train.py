@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import test_train
 import timm
 import torch
 from PIL import Image
@@ -25,20 +26,9 @@ from ravit.train import load_config, load_training_checkpoint, train
 from ravit.train import loop as loop_module
 from ravit.train.config import TrainConfig
 
-TINY = dict(
-    model="deit_tiny_patch16_224",
-    model_kwargs={"patch_size": 7, "embed_dim": 32, "depth": 2, "num_heads": 2},
-    train_subset=128,
-    val_subset=64,
-    batch_size=32,
-    eval_batch_size=64,
-    warmup_epochs=0.0,
-    progress=False,
-    threads=1,
-)
-TINY_FLAGS = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "patch_size=7", "embed_dim=32", "depth=2",
-              "num_heads=2", "--train-subset", "128", "--val-subset", "64", "--batch-size", "32",
-              "--warmup-epochs", "0", "--no-progress", "--threads", "1"]  # fmt: skip
+# test_train.py's tiny run, on half the images (these tests only need a run to exist, not to learn).
+TINY = {**test_train.TINY, "train_subset": 128, "val_subset": 64, "eval_batch_size": 64}
+TINY_FLAGS = [{"256": "128", "128": "64"}.get(flag, flag) for flag in test_train.TINY_FLAGS]
 
 
 def _cfg(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
