@@ -15,7 +15,6 @@ import logging
 import os
 import pickle
 import re
-import secrets
 import struct
 import sys
 from pathlib import Path
@@ -27,13 +26,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ravit.errors import DataError, InvalidArgumentError, MissingFileError
+from ravit.outputs import new_temp_file
 
 __all__ = [
     "CheckpointError",
     "load_checkpoint",
     "load_state_dict",
     "load_torch_file",
-    "new_temp_file",
     "save_checkpoint",
     "use_ravit_loader",
 ]
@@ -245,21 +244,6 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, use_ema: bool = F
                         path, name, len(missing), _describe(missing, 4), len(unexpected), _describe(unexpected, 4))
     model.load_state_dict(state_dict, strict=strict)
     return model
-
-
-def new_temp_file(path: str | os.PathLike) -> Path:
-    """A new empty file next to ``path`` for an atomic write (write it, then ``os.replace`` it over ``path``).
-
-    Created with mode 0o666 less the umask, as ``open()`` and ``torch.save`` create files (``tempfile.mkstemp``
-    would give 0o600, and the final file would keep it)."""
-    path = Path(path)
-    while True:
-        tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:

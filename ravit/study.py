@@ -33,13 +33,14 @@ from tqdm import tqdm
 from ravit._factory import create_model
 from ravit.analysis.perturbation import perturbation_profile
 from ravit.analysis.plots import plot_block_curves
-from ravit.analysis.results import atomic_write, check_output_dir, write_csv, write_json
+from ravit.analysis.results import atomic_write, write_csv, write_json
 from ravit.analysis.spectra import grouping_spectra
 from ravit.ats import apply_ats, trace
 from ravit.ats.config import Budget
 from ravit.bench.flops import count_gmacs
 from ravit.data import CLASSES
 from ravit.errors import InvalidArgumentError
+from ravit.outputs import check_output_dir
 from ravit.robustness.benchmarks import check_classes
 from ravit.robustness.evaluate import ModelInput, evaluate_corruptions, image_dataset
 from ravit.robustness.metrics import mce, mean_accuracy

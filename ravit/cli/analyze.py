@@ -124,8 +124,8 @@ def run(args) -> int:
 
 def _check_arguments(args) -> None:
     """Counts, the device and the output path, before a model is built or an image read."""
-    from ravit.analysis.results import check_output_dir
     from ravit.ats import parse_budget
+    from ravit.outputs import check_output_dir
 
     counts = [("--num-images", args.num_images, 1), ("--batch-size", args.batch_size, 1),
               ("--workers", args.workers, 0)]

@@ -125,9 +125,10 @@ def run(args) -> int:
     import ravit
     from ravit.analysis.ats_masks import kept_token_histogram, kept_token_masks
     from ravit.analysis.plots import plot_histogram, plot_image_maps, plot_token_histogram
-    from ravit.analysis.results import check_output_dir, write_csv, write_json
+    from ravit.analysis.results import write_csv, write_json
     from ravit.ats import apply_ats, remove_ats, trace
     from ravit.bench.flops import count_gmacs
+    from ravit.outputs import check_output_dir
 
     blocks, budget = _parse_blocks(args.blocks), _parse_budget(args.budget)
     _check_arguments(args)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from pathlib import Path
 
 from ravit.cli import CLIError
+from ravit.outputs import check_output_dir
 
 
 def register(subparsers) -> None:
@@ -57,17 +57,6 @@ def check_positive(**flags: int | None) -> None:
     for name, value in flags.items():
         if value is not None and value < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-
-
-def check_output_dir(path: str, flag: str) -> None:
-    """Refuse, before any work, an output folder that is a file or lies under one."""
-    p = Path(path)
-    for q in (p, *p.parents):
-        if q.exists():
-            if not q.is_dir():
-                where = "is a file" if q == p else f"lies under {q}, which is a file"
-                raise CLIError(f"{flag} {path} {where}; choose a folder")
-            return
 
 
 def run(args) -> int:

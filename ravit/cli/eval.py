@@ -130,12 +130,12 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ravit.data import create_dataset, create_transform, dataset_info
-    from ravit.train.checkpoint import check_output_dir
+    from ravit.outputs import check_output_dir
 
     _check_args(args)
     device = resolve_device(args.device)
     if args.output:
-        check_output_dir(args.output)
+        check_output_dir(args.output, "output folder")
     model, name, trained_on, built_size = _build(args)
     dataset = args.dataset or trained_on or "fashion_mnist"
     info = dataset_info(dataset)

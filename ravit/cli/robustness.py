@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from ravit.cli.corrupt import check_output_dir, check_positive, parse_severities
+from ravit.cli.corrupt import check_positive, parse_severities
 from ravit.errors import InvalidArgumentError, MissingFileError
+from ravit.outputs import check_output_dir
 
 BENCHMARKS = ("corrupt", "imagenet-c", "imagenet-a", "imagenet-r", "sketch", "folder")
 

@@ -19,25 +19,9 @@ import numpy as np
 import torch
 
 from ravit.checkpoint import CheckpointError, load_torch_file
-from ravit.errors import InvalidArgumentError, MissingFileError
+from ravit.errors import MissingFileError
 
-__all__ = ["atomic_save", "capture_rng", "check_output_dir", "load_training_checkpoint", "restore_rng"]
-
-
-def check_output_dir(path: str | os.PathLike) -> Path:
-    """``path`` as an output folder, checked before any work: InvalidArgumentError when it or a parent is a file, or
-    when the folder it would be made in is not writable."""
-    path = Path(path)
-    for folder in (path, *path.parents):
-        if not folder.exists():
-            continue
-        if not folder.is_dir():
-            problem = "is a file" if folder == path else f"cannot be created: {folder} is a file"
-            raise InvalidArgumentError(f"output folder {path} {problem}; choose another output path")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise InvalidArgumentError(f"output {path}: {folder} is not writable; choose another output path")
-        return path
-    return path
+__all__ = ["atomic_save", "capture_rng", "load_training_checkpoint", "restore_rng"]
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:

@@ -40,10 +40,10 @@ from ravit._factory import accepted_model_kwargs
 from ravit.cli._args import resolve_device
 from ravit.data import check_same_classes, create_dataset, create_transform, dataset_info
 from ravit.errors import DataError, InvalidArgumentError
+from ravit.outputs import check_output_dir
 from ravit.train.checkpoint import (
     atomic_save,
     capture_rng,
-    check_output_dir,
     load_training_checkpoint,
     restore_rng,
 )
@@ -312,7 +312,7 @@ def train(cfg: TrainConfig) -> dict:
     """
     if cfg.device != "auto":
         resolve_device(cfg.device)  # a clear error for a device that does not exist here, before any work
-    check_output_dir(cfg.output)
+    check_output_dir(cfg.output, "output folder")
     dist_info = init_distributed(cfg.device)
     try:
         return _train(cfg, dist_info)
