@@ -1,15 +1,19 @@
 """Where results go: the check, made before any work, that an output folder can be created where the user asked, and
-the temporary file an atomic write goes through."""
+the one atomic-write path every result, checkpoint and manifest goes through."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 from ravit.errors import InvalidArgumentError
 
-__all__ = ["check_output_dir", "new_temp_file"]
+__all__ = ["atomic_open", "check_output_dir", "new_temp_file", "write_bytes", "write_json", "write_text"]
 
 
 def check_output_dir(path: str | os.PathLike, flag: str = "--output") -> Path:
@@ -43,3 +47,46 @@ def new_temp_file(path: str | os.PathLike) -> Path:
             return tmp
         except FileExistsError:
             continue
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", fsync: bool = False) -> Iterator[IO[Any]]:
+    """Open a temporary file next to ``path`` for writing; on a clean exit it replaces ``path`` (``os.replace``),
+    on any exception it is removed and ``path`` is left as it was. The parent folder is created.
+
+    ``mode`` is ``"wb"`` or ``"w"`` (text, UTF-8). ``fsync`` flushes the data to disk before the rename, for files whose
+    loss after a power cut would cost work (checkpoints)."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_open writes whole files: mode 'wb' or 'w', not {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = new_temp_file(path)
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """``data`` to ``path``, atomically (see ``atomic_open``)."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """``text`` to ``path`` as UTF-8, atomically (see ``atomic_open``)."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """``data`` as indented JSON (a final newline) to ``path``, atomically."""
+    return write_text(path, json.dumps(data, indent=2) + "\n")
