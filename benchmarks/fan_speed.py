@@ -6,6 +6,16 @@ by this script on the same machine in the same run, so numbers from different ma
     .venv/bin/python benchmarks/fan_speed.py                        # CPU, fp32, batch 8 at 224
     .venv/bin/python benchmarks/fan_speed.py --device cuda --amp    # GPU, bf16 autocast
 
+``--official-src DIR`` compares ravit with the released FAN code (a folder holding its ``models/`` package, e.g. a
+clone of NVlabs/FAN; never part of this repository) the way a user would: each side in a subprocess of its own
+(``benchmarks/fan_worker.py``), the released code on its own timm 0.5.4 (installed once with ``pip --target`` into
+``--official-timm``), alternating official / ravit over ``--pairs`` pairs with the order swapped every pair, the
+same random weights (saved once by the released code under its key names, loaded by both) and the same inputs. It
+prints both medians, the ratio (released time ÷ ravit time: above 1 means ravit is faster) of every pair, their
+median and min–max, and the max |Δlogit| between the two sides.
+
+    .venv/bin/python benchmarks/fan_speed.py --official-src ~/src/FAN --batch-size 8 --pairs 5
+
 ``--breakdown`` (CPU) profiles one model's forward and splits its time into matmuls, attention kernels, convolutions,
 GELU and everything else, and prints the utilisation that would remain if everything else cost nothing: an upper
 bound on what any implementation built on these kernels can reach.
@@ -21,12 +31,17 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 import ravit
 from ravit.bench.flops import count_gmacs
+from ravit.outputs import write_json
 
 
 def _sync(device: torch.device) -> None:
@@ -103,6 +118,74 @@ def breakdown(name: str, batch: int, img: int, peak: float, iters: int) -> dict:
                 bound_utilisation=gmacs * batch / floor / peak)
 
 
+WORKER = Path(__file__).with_name("fan_worker.py")
+
+
+def official_timm(target: Path) -> Path:
+    """A folder holding timm 0.5.4, the version the released FAN code pins; installed there on first use."""
+    if not (target / "timm" / "version.py").is_file():
+        print(f"installing timm 0.5.4 into {target} (the released FAN code's version)", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                        "timm==0.5.4"], check=True)
+    return target
+
+
+def _worker(side: str, env: dict, *args: str) -> dict | None:
+    """Run one side of the comparison in a fresh interpreter; its last stdout line is a JSON result."""
+    done = subprocess.run([sys.executable, str(WORKER), "--side", side, *args], env=env, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{side} worker failed:\n{done.stderr[-3000:]}")
+    lines = done.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if lines else None
+
+
+def compare_released(args) -> list[dict]:
+    """Released code against ravit, each in its own process, alternating (see the module docstring)."""
+    src = Path(args.official_src).expanduser().resolve()
+    if not (src / "models" / "fan.py").is_file():
+        raise SystemExit(f"--official-src {src}: no models/fan.py there; point it at a clone of NVlabs/FAN")
+    official_path = os.pathsep.join([str(official_timm(Path(args.official_timm).expanduser())), str(src)])
+    envs = {"official": dict(os.environ, PYTHONPATH=official_path),
+            "ravit": {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}}
+    common = ["--iters", str(args.iters), "--device", args.device]
+    common += ["--threads", str(args.threads)] if args.threads else []
+    common += ["--amp"] if args.amp else []
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = Path(tmp, "inputs.pt")
+        torch.save(torch.randn(args.batch_size, 3, args.img_size, args.img_size,
+                               generator=torch.Generator().manual_seed(0)), inputs)
+        for name in args.models:
+            weights = Path(tmp, f"{name}.pth")
+            _worker("official", envs["official"], "--model", name, "--save-weights", str(weights))
+            medians = {"official": [], "ravit": []}
+            for pair in range(args.pairs):
+                for side in ("official", "ravit") if pair % 2 == 0 else ("ravit", "official"):
+                    logits = ["--logits", str(Path(tmp, f"{side}.pt"))] if pair == 0 else []
+                    result = _worker(side, envs[side], "--model", name, "--weights", str(weights), "--inputs",
+                                     str(inputs), *logits, *common)
+                    medians[side].append(result["median_s"])
+                    if side == "official":
+                        versions = result["timm"]
+            ratios = [o / r for o, r in zip(medians["official"], medians["ravit"], strict=True)]
+            delta = (torch.load(Path(tmp, "official.pt")) - torch.load(Path(tmp, "ravit.pt"))).abs().max().item()
+            rows.append(dict(model=name, official_median_ms=[m * 1e3 for m in medians["official"]],
+                             ravit_median_ms=[m * 1e3 for m in medians["ravit"]], ratios=ratios,
+                             ratio_median=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+                             max_abs_logit_diff=delta, official_timm=versions))
+    print(f"released code (timm {rows[0]['official_timm'] if rows else '?'}, own process) vs ravit "
+          f"(timm {__import__('timm').__version__}, own process); {args.device}, "
+          f"{'bf16 autocast' if args.amp else 'fp32'}, batch {args.batch_size} at {args.img_size}, median of "
+          f"{args.iters} forwards per process, {args.pairs} alternating pairs; ratio = released ÷ ravit time")
+    print(f"{'model':24s} {'released ms':>12s} {'ravit ms':>9s} {'ratio':>6s} {'min–max':>12s} {'max|Δlogit|':>12s}")
+    for row in rows:
+        print(f"{row['model']:24s} {statistics.median(row['official_median_ms']):12.1f} "
+              f"{statistics.median(row['ravit_median_ms']):9.1f} {row['ratio_median']:6.2f} "
+              f"{row['ratio_min']:5.2f}–{row['ratio_max']:<5.2f} {row['max_abs_logit_diff']:12.2e}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["fan_tiny_12_p16_224", "fan_small_12_p16_224"])
@@ -116,7 +199,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's; use 1 on a shared, busy machine)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--breakdown", action="store_true", help="CPU: time per kernel kind and the bound it implies")
+    parser.add_argument("--official-src", help="compare with the released FAN code in this folder (see above)")
+    parser.add_argument("--official-timm", default="~/.cache/ravit/timm-0.5.4",
+                        help="where timm 0.5.4 for the released code is (installed there if missing)")
+    parser.add_argument("--pairs", type=int, default=5, help="alternating released/ravit process pairs")
     args = parser.parse_args()
+    if args.official_src:
+        rows = compare_released(args)
+        if args.json:
+            write_json(args.json, dict(device=args.device, amp=args.amp, batch_size=args.batch_size,
+                                       img_size=args.img_size, iters=args.iters, pairs=args.pairs, models=rows))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -146,12 +239,9 @@ def main() -> None:
             shares = ", ".join(f"{k} {v * 1e3:.1f} ms ({v / b['total']:.0%})" for k, v in parts)
             print(f"{name}: {shares}; utilisation bound if 'other' were free: {b['bound_utilisation']:.1%}")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(dict(device=str(device), threads=torch.get_num_threads(), amp=args.amp,
-                           batch_size=args.batch_size, img_size=args.img_size, matmul_gmacs_per_s=peak,
-                           models=rows, breakdown=bounds), f, indent=2)
-        os.replace(tmp, args.json)
+        write_json(args.json, dict(device=str(device), threads=torch.get_num_threads(), amp=args.amp,
+                                   batch_size=args.batch_size, img_size=args.img_size, matmul_gmacs_per_s=peak,
+                                   models=rows, breakdown=bounds))
 
 
 if __name__ == "__main__":
