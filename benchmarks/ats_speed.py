@@ -21,10 +21,7 @@ matmuls) and how much is ATS's own bookkeeping.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 
@@ -34,6 +31,7 @@ import torch.nn.functional as F
 
 from ravit.ats import apply_ats, remove_ats, trace
 from ravit.bench.flops import count_gmacs
+from ravit.outputs import write_json
 
 BLOCKS = list(range(3, 12))
 
@@ -194,11 +192,8 @@ def main() -> None:
             results.append(row)
 
     if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
-            json.dump(dict(model=args.model, device=args.device, torch=torch.__version__,
-                           threads=torch.get_num_threads(), blocks=BLOCKS, results=results), f, indent=2)
-        os.replace(f.name, args.json)
+        write_json(args.json, dict(model=args.model, device=args.device, torch=torch.__version__,
+                                   threads=torch.get_num_threads(), blocks=BLOCKS, results=results))
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", fsync: bool = False) 
     """Open a temporary file next to ``path`` for writing; on a clean exit it replaces ``path`` (``os.replace``),
     on any exception it is removed and ``path`` is left as it was. The parent folder is created.
 
-    ``mode`` is ``"wb"`` or ``"w"`` (text, UTF-8). ``fsync`` flushes the data to disk before the rename, for files whose
-    loss after a power cut would cost work (checkpoints)."""
+    ``mode`` is ``"wb"`` or ``"w"`` (text, UTF-8). ``fsync`` flushes the data to disk before the rename and the folder
+    after it (so the rename itself is durable), for files whose loss after a power cut would cost work (checkpoints)."""
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_open writes whole files: mode 'wb' or 'w', not {mode!r}")
     path = Path(path)
@@ -71,6 +71,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", fsync: bool = False) 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if fsync:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

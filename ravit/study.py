@@ -33,14 +33,14 @@ from tqdm import tqdm
 from ravit._factory import create_model
 from ravit.analysis.perturbation import perturbation_profile
 from ravit.analysis.plots import plot_block_curves
-from ravit.analysis.results import atomic_write, write_csv, write_json
+from ravit.analysis.results import write_csv, write_json
 from ravit.analysis.spectra import grouping_spectra
 from ravit.ats import apply_ats, trace
 from ravit.ats.config import Budget
 from ravit.bench.flops import count_gmacs
 from ravit.data import CLASSES
 from ravit.errors import InvalidArgumentError
-from ravit.outputs import check_output_dir
+from ravit.outputs import atomic_open, check_output_dir, write_text
 from ravit.robustness.benchmarks import check_classes
 from ravit.robustness.evaluate import ModelInput, evaluate_corruptions, image_dataset
 from ravit.robustness.metrics import mce, mean_accuracy
@@ -150,9 +150,9 @@ def _plot_ats(rows: list[dict], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path.with_suffix(".tmp.png"), dpi=120)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    path.with_suffix(".tmp.png").replace(path)
     return path
 
 
@@ -343,7 +343,7 @@ def run_study(
         _plot_ats(rows, work / "ats_accuracy_vs_gmacs.png")
         summary["grouping"] = _grouping(models, analysis_images, noise_std, work)
         write_json(work / "summary.json", summary)
-        atomic_write(work / "summary.md", _markdown(summary).encode())
+        write_text(work / "summary.md", _markdown(summary))
         _publish(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -14,9 +14,11 @@ import torch
 
 from ravit.cli import main
 from ravit.data import find_fashion_mnist
+from ravit.errors import InvalidArgumentError, MissingFileError
 from ravit.train import atomic_save, load_config, load_training_checkpoint, train
 from ravit.train import checkpoint as ckpt_module
 from ravit.train import loop as loop_module
+from ravit.train.config import CONFIG_DIR, TrainConfig
 
 TINY = dict(
     model="deit_tiny_patch16_224",
@@ -30,6 +32,7 @@ TINY = dict(
     progress=False,
     threads=1,
 )
+TINY_MIN_LR = TrainConfig.min_lr
 TINY_FLAGS = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "patch_size=7", "embed_dim=32", "depth=2",
               "num_heads=2", "--train-subset", "256", "--val-subset", "128", "--batch-size", "32",
               "--warmup-epochs", "0", "--no-progress", "--threads", "1"]  # fmt: skip
@@ -76,8 +79,40 @@ def test_cli_config_typo_exits_2(tmp_path, capsys):
     path.write_text("epocs: 3\n")
     assert main(["train", "-c", str(path)]) == 2
     assert "unknown config key 'epocs'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # argparse names the unknown flag
-        main(["train", "--epocs", "3"])
+    try:  # the parser names the unknown flag
+        code = main(["train", "--epocs", "3"])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2 and "--epocs" in capsys.readouterr().err
+
+
+def test_config_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no ravit/configs/ below the working folder
+    by_path = load_config(CONFIG_DIR / "fmnist_fan_p4.yaml")
+    assert by_path.model == "fan_tiny_12_p16_224"
+    for name in ("fmnist_fan_p4", "fmnist_fan_p4.yaml", "ravit/configs/fmnist_fan_p4.yaml"):
+        assert load_config(name) == by_path, name
+    with pytest.raises(MissingFileError, match=r"config 'fmnist_fan' not found.*fmnist_deit_p4, .*fmnist_fan_p4"):
+        load_config("fmnist_fan")
+    assert main(["train", "-c", "no_such_config"]) == 2
+    err = capsys.readouterr().err
+    assert "'no_such_config' not found" in err and "fmnist_fan_p4" in err
+
+
+def test_cli_vocabulary(tmp_path, monkeypatch, capsys):
+    """MODEL overrides the config's, --data takes either spelling, the output defaults to runs/train/<MODEL>."""
+    monkeypatch.chdir(tmp_path)
+    flags = ["--train-subset", "32", "--batch-size", "32", "--val-subset", "32", "--max-steps", "1", "--no-progress"]
+    assert main(["train", "deit_tiny_patch16_224", "-c", "fmnist_fan_p4", "--data", "fashion-mnist", *flags]) == 0
+    run = tmp_path / "runs" / "train" / "deit_tiny_patch16_224"
+    saved = load_training_checkpoint(run / "last.pth")
+    assert (saved["model"], saved["config"]["dataset"], saved["num_updates"]) == ("deit_tiny_patch16_224",
+                                                                                  "fashion_mnist", 1)
+    assert load_config(None, {"dataset": "fashion-mnist"}) == load_config(None, {"dataset": "fashion_mnist"})
+    assert main(["train", "resnet18", "--model", "deit_tiny_patch16_224"]) == 2
+    assert "disagree" in capsys.readouterr().err
+    assert main(["train", "--data", "no_such_data", *flags]) == 2
+    assert "unknown dataset 'no_such_data'" in capsys.readouterr().err
 
 
 # --- learning, resume ----------------------------------------------------------------------------------------------
@@ -126,6 +161,65 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
             assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs"
 
 
+# 96 images in batches of 32: three updates per epoch.
+STEPS = dict(train_subset=96, val_subset=64, eval_batch_size=64)
+
+
+def _same_run(a: Path, b: Path) -> None:
+    """Runs ``a`` and ``b`` logged the same epochs and ended with the same weights (also the EMA's when kept)."""
+    drop = ("seconds",)
+    assert [{k: v for k, v in h.items() if k not in drop} for h in _history(a)] == [
+        {k: v for k, v in h.items() if k not in drop} for h in _history(b)
+    ]
+    ckpt_a, ckpt_b = load_training_checkpoint(a / "last.pth"), load_training_checkpoint(b / "last.pth")
+    assert ckpt_a["num_updates"] == ckpt_b["num_updates"]
+    for key in ("state_dict", "state_dict_ema"):
+        for name, tensor in ckpt_a.get(key, {}).items():
+            assert torch.equal(tensor, ckpt_b[key][name]), f"{key}.{name} differs"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_max_steps_stops_and_resumes_exactly(tmp_path, workers):
+    extras = dict(STEPS, epochs=2, workers=workers, ema=True, ema_decay=0.9, mixup=0.4, cutmix=1.0, drop_path_rate=0.1)
+    train(_cfg(tmp_path, "straight", **extras))
+
+    first = train(_cfg(tmp_path, "stopped", max_steps=2, **extras))  # two of epoch 1's three updates
+    assert (first["final"], first["epochs_done"], first["num_updates"]) == (None, 0, 2)
+    assert first["partial_epoch"]["batches"] == 2 and first["partial_epoch"]["samples"] == 64
+    saved = load_training_checkpoint(tmp_path / "stopped" / "last.pth")
+    assert (saved["epoch"], saved["num_updates"], saved["position"]["batches_done"]) == (0, 2, 2)
+    assert _history(tmp_path / "stopped") == [] and not (tmp_path / "stopped" / "best.pth").exists()
+
+    second = train(_cfg(tmp_path, "stopped", max_steps=4, resume=True, **extras))  # past the end of epoch 1
+    assert (second["epochs_done"], second["num_updates"], second["partial_epoch"]["batches"]) == (1, 4, 1)
+    assert load_training_checkpoint(tmp_path / "stopped" / "best.pth")["epoch"] == 1
+    torch.manual_seed(1234)  # the restarted process starts from other RNG states
+    last = train(_cfg(tmp_path, "stopped", resume=True, **extras))
+    assert last["partial_epoch"] is None and last["epochs_done"] == 2
+    _same_run(tmp_path / "straight", tmp_path / "stopped")
+
+
+def test_resume_may_extend_epochs_but_not_drop_below_the_trained_ones(tmp_path):
+    train(_cfg(tmp_path, "extended", epochs=1, **STEPS))
+    summary = train(_cfg(tmp_path, "extended", epochs=3, resume=True, **STEPS))
+    assert summary["epochs_done"] == 3 and summary["num_updates"] == 9
+    lrs = [h["lr"] for h in _history(tmp_path / "extended")]
+    # the 1-epoch cosine ended at min_lr; the 3-epoch one is above it after epoch 2 and ends at min_lr again
+    assert lrs[0] == pytest.approx(TINY_MIN_LR) and lrs[1] > 10 * TINY_MIN_LR and lrs[2] == pytest.approx(TINY_MIN_LR)
+
+    train(_cfg(tmp_path, "again", epochs=1, **STEPS))  # the same extension, stopped in epoch 3 and resumed
+    train(_cfg(tmp_path, "again", epochs=3, max_steps=7, resume=True, **STEPS))
+    train(_cfg(tmp_path, "again", epochs=3, resume=True, **STEPS))
+    _same_run(tmp_path / "extended", tmp_path / "again")
+
+    with pytest.raises(InvalidArgumentError, match=r"with epochs 2: it has trained 3 epochs; .* not drop below 3"):
+        train(_cfg(tmp_path, "extended", epochs=2, resume=True, **STEPS))
+    train(_cfg(tmp_path, "partial", epochs=2, max_steps=4, **STEPS))
+    with pytest.raises(InvalidArgumentError, match=r"trained 1 epoch and part of the next; .* not drop below 2"):
+        train(_cfg(tmp_path, "partial", epochs=1, resume=True, **STEPS))
+    assert load_training_checkpoint(tmp_path / "extended" / "last.pth")["epoch"] == 3  # refusals change nothing
+
+
 def test_resume_refuses_another_config_or_model(tmp_path):
     train(_cfg(tmp_path, epochs=1))
     with pytest.raises(ValueError, match="already holds a run"):
@@ -171,7 +265,7 @@ def test_cli_missing_or_empty_dataset(tmp_path, capsys):
     assert main(["train", *TINY_FLAGS, "--data-dir", str(tmp_path), "--output", str(tmp_path / "a")]) == 2
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
     (tmp_path / "imgs" / "train").mkdir(parents=True)
-    flags = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "imgs"), "--img-size", "28"]
+    flags = ["--data", str(tmp_path / "imgs"), "--img-size", "28"]
     assert main(["train", *TINY_FLAGS, *flags, "--output", str(tmp_path / "b")]) == 2
     assert "is empty" in capsys.readouterr().err
 

@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 
-from ravit.analysis.results import atomic_write
+from ravit.outputs import write_bytes
 
 __all__ = ["plot_block_curves", "plot_histogram", "plot_image_maps", "plot_token_histogram"]
 
@@ -33,7 +33,7 @@ def _figure(width: float, height: float) -> Figure:
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    return atomic_write(path, buffer.getvalue())
+    return write_bytes(path, buffer.getvalue())
 
 
 def _display(image: torch.Tensor) -> tuple[np.ndarray, str | None]:

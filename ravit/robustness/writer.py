@@ -5,7 +5,7 @@ made ImageNet-C (Hendrycks & Dietterich, ICLR 2019; ``make_imagenet_c.py``): res
 crop 224, corrupt, save as JPEG quality 85 (``optimize=True``). With ``recipe='keep'`` images keep their size and
 are saved as 8-bit PNG (16-bit sources are read at their full scale, then rounded to 8 bits).
 
-Every file is written to a hidden temporary name and renamed into place, so a killed run never leaves a
+Every file is written to a temporary name and renamed into place (``ravit.outputs``), so a killed run never leaves a
 half-written image; a rerun skips images already written. Corruption randomness is seeded per image, from (seed,
 image index, corruption, severity) with generators on the CPU, so an output image depends only on the source image
 and the seed: not on the batch size, the device's random stream or what was already on disk.
@@ -34,8 +34,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from ravit.data.classes import CLASS_MAP_FILE, folder_name
+from ravit.data.datasets import data_name
 from ravit.data.images import load_rgb, load_tensor
 from ravit.errors import DataError, InvalidArgumentError, MissingFileError
+from ravit.outputs import write_bytes
 from ravit.robustness.registry import ALL_CORRUPTIONS, SEVERITIES, check_corruption, corrupt, image_generators
 
 __all__ = ["SourceImages", "source_images", "write_c_dataset", "unique_names", "RECIPES"]
@@ -99,11 +101,11 @@ def _recipe_crop(img: Image.Image) -> Image.Image:
 
 
 def source_images(data: str, split: str = "test", data_dir: str | None = None, recipe: str = "keep") -> SourceImages:
-    """``'fashion-mnist'`` (the split's images, class folders named after ``ravit.data.CLASSES``) or an
-    ImageFolder path (same class folders as the source, file stems made unique per folder)."""
+    """``'fashion-mnist'`` / ``'fashion_mnist'`` (the split's images, class folders named after ``ravit.data.CLASSES``)
+    or an ImageFolder path (same class folders as the source, file stems made unique per folder)."""
     if recipe not in RECIPES:
         raise InvalidArgumentError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
-    if data == "fashion-mnist":
+    if data_name(data) == "fashion_mnist":
         from ravit.data import CLASSES, load_fashion_mnist
 
         images, labels = load_fashion_mnist(split, data_dir)
@@ -156,12 +158,6 @@ def _encode(img: torch.Tensor, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _describe(settings: dict) -> str:
     return ", ".join(f"{k} {v!r}" for k, v in sorted(settings.items()))
 
@@ -188,7 +184,7 @@ def _claim(out: Path, settings: dict[str, object], class_names: dict[str, str]) 
             "corrupt): its settings are unknown, so new images would mix with them; write to another folder"
         )
     out.mkdir(parents=True, exist_ok=True)
-    _write(path, json.dumps({"settings": settings, "classes": class_names}, indent=2).encode())
+    write_bytes(path, json.dumps({"settings": settings, "classes": class_names}, indent=2).encode())
 
 
 def write_c_dataset(
@@ -248,11 +244,10 @@ def write_c_dataset(
                 if not images:
                     continue
                 for i, y in _corrupt_by_size(images, c, s, seed, device).items():
-                    paths[i].parent.mkdir(parents=True, exist_ok=True)
-                    _write(paths[i], _encode(y, fmt))
+                    write_bytes(paths[i], _encode(y, fmt))
                     stats["written"] += 1
                     bar.update(1)
-            for stale in base.glob("*/.*.tmp"):  # left by a run killed mid-write; its image was redone above
+            for stale in base.glob("*/*.tmp"):  # left by a run killed mid-write; its image was redone above
                 stale.unlink(missing_ok=True)
     bar.close()
     stats["unreadable"] = len(unreadable)

@@ -1,12 +1,16 @@
 """Training checkpoints: written atomically, loaded with ``weights_only=True``, carrying everything resume needs.
 
-A checkpoint is a dict: ``model`` (state dict, no ``module.`` prefix), ``optimizer``, ``scheduler``, ``ema`` (or
-None), ``scaler`` (or None), ``rng`` (torch / CUDA / numpy / python states as tensors and plain types, so no pickle
-allowlist is needed), ``epoch`` (the number of finished epochs), ``num_updates``, ``best`` metrics and ``config`` (the
-resolved TrainConfig as a dict).
+A checkpoint is a dict: ``state_dict`` (no ``module.`` prefix), ``state_dict_ema`` (with EMA), ``optimizer``,
+``scheduler`` (for reading: resume rebuilds the schedule from the config), ``scaler`` (or None), ``rng`` (torch / CUDA
+/ numpy / python states as tensors and plain types, so no pickle allowlist is needed), ``epoch`` (the number of
+finished epochs), ``num_updates``, ``history`` (one record per finished epoch), ``best`` metrics, ``config`` (the
+resolved TrainConfig as a dict), ``model`` (its name) and ``position``: None at an epoch's end, and for a run stopped
+mid-epoch by ``max_steps`` the batches of the epoch done, their loss sums, the number of processes and each one's RNG
+states (``ravit.train.loop``).
 
-Saving writes ``<name>.tmp`` next to the target, fsyncs it and ``os.replace``s it over the target, so a crash or a
-full disk never leaves a half-written checkpoint under the real name: the previous one stays intact.
+Saving goes through ``ravit.outputs.atomic_open`` (a temporary file next to the target, fsynced, then renamed over
+it), so a crash or a full disk never leaves a half-written checkpoint under the real name: the previous one stays
+intact.
 """
 
 from __future__ import annotations
@@ -20,29 +24,20 @@ import torch
 
 from ravit.checkpoint import CheckpointError, load_torch_file
 from ravit.errors import MissingFileError
+from ravit.outputs import atomic_open
 
 __all__ = ["atomic_save", "capture_rng", "load_training_checkpoint", "restore_rng"]
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` via temp file + fsync + rename; OSError (e.g. disk full) leaves ``path`` untouched."""
+    """``torch.save(obj, path)`` atomically and durably; an OSError (e.g. disk full) leaves ``path`` untouched."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_open(path, "wb", fsync=True) as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         reason = err.strerror or str(err)
         raise OSError(err.errno, f"could not write checkpoint {path}: {reason}; the previous file is intact") from err
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 def capture_rng() -> dict:

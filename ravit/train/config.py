@@ -1,8 +1,11 @@
 """Training configuration: one flat dataclass, filled from defaults < a YAML file < command-line flags.
 
-Every field is also a ``--flag`` of ``ravit train`` (underscores become dashes). A YAML key or a flag that names no
-field is an error that names it. Defaults follow the FAN recipe (Zhou et al. 2022, Sec. 4: AdamW,
-cosine schedule with warm-up, weight decay 0.05, label smoothing 0.1), scaled down for small data.
+Every field is also a ``--flag`` of ``ravit train`` (underscores become dashes; ``dataset`` is ``--data``). A YAML key
+or a flag that names no field is an error that names it. Defaults follow the FAN recipe (Zhou et al. 2022, Sec. 4:
+AdamW, cosine schedule with warm-up, weight decay 0.05, label smoothing 0.1), scaled down for small data.
+
+A config file is a path, or the name of one shipped in ``ravit/configs/`` (``fmnist_fan_p4``, with or without
+``.yaml``), so ``-c`` works from any folder.
 """
 
 from __future__ import annotations
@@ -10,14 +13,29 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
+from ravit.data import data_name, data_names
 from ravit.errors import DataError, InvalidArgumentError, MissingFileError
 
-__all__ = ["RESUME_SAFE_KEYS", "TrainConfig", "config_fields", "load_config", "parse_value"]
+__all__ = [
+    "CONFIG_DIR",
+    "RESUME_SAFE_KEYS",
+    "TrainConfig",
+    "config_fields",
+    "find_config",
+    "load_config",
+    "packaged_configs",
+    "parse_value",
+    "resolve_config",
+    "resume_conflicts",
+]
+
+# The configs shipped with ravit (the zoo models' recipes): ``-c NAME`` finds them from any folder.
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass
@@ -32,8 +50,8 @@ class TrainConfig:
     pretrained: bool = False
     init_checkpoint: str | None = None  # weights to fine-tune from (head re-initialised if num_classes differs)
     # data
-    dataset: str = "fashion_mnist"
-    data_dir: str | None = None
+    dataset: str = "fashion_mnist"  # a registered name (fashion-mnist = fashion_mnist) or a folder (an ImageFolder)
+    data_dir: str | None = None  # where the dataset's files are (Fashion-MNIST: default the Debian package's)
     train_split: str = "train"
     val_split: str = "test"
     train_subset: int | None = None  # a fixed random subset (seeded) of this many training images
@@ -53,7 +71,7 @@ class TrainConfig:
     mixup_switch_prob: float = 0.5
     smoothing: float = 0.1
     # optimisation
-    epochs: int = 10
+    epochs: int = 10  # the cosine schedule spans them; --resume may change them (not below the finished ones)
     batch_size: int = 128  # per process
     eval_batch_size: int = 256
     opt: str = "adamw"
@@ -73,15 +91,17 @@ class TrainConfig:
     ats_sampler: str = "inverse_transform"
     # run
     seed: int = 0
-    output: str = "runs/train"
+    output: str | None = None  # None: runs/train/<model>
     resume: bool = False  # continue from <output>/last.pth when it exists
+    max_steps: int | None = None  # stop once the run has made this many optimizer steps (the schedule stays epochs')
     device: str = "auto"  # auto: cuda:LOCAL_RANK when available, else cpu
     threads: int | None = None  # torch intra-op threads per process (None: torch's default)
     progress: bool = True
 
 
-# Keys that may differ between a run and its resumption without changing its result.
-RESUME_SAFE_KEYS = frozenset({"data_dir", "workers", "output", "resume", "device", "threads", "progress"})
+# Keys that may differ between a run and its resumption without changing its result. ``epochs`` may differ too, but
+# it changes the result: the schedule becomes that of the new length (see ravit.train.loop).
+RESUME_SAFE_KEYS = frozenset({"data_dir", "workers", "output", "resume", "device", "threads", "progress", "max_steps"})
 
 
 def config_fields() -> dict[str, str]:
@@ -138,13 +158,32 @@ def parse_value(name: str, value):
     raise InvalidArgumentError(f"config key {name!r} expects {annotation}, got {value!r}")
 
 
+def packaged_configs() -> list[str]:
+    """The names of the configs shipped in ``ravit/configs/``."""
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+
+
+def find_config(name: str | os.PathLike) -> Path:
+    """A config file: ``name`` as a path when it is a file, else the packaged config of that name (``fmnist_fan_p4``,
+    ``fmnist_fan_p4.yaml``, or ``ravit/configs/fmnist_fan_p4.yaml`` from outside the source tree); else a
+    MissingFileError listing the packaged ones."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    in_package = len(path.parts) == 1 or path.parent.parts[-2:] == ("ravit", "configs")
+    packaged = CONFIG_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if in_package and packaged.is_file():
+        return packaged
+    raise MissingFileError(f"config {str(name)!r} not found: no such file, and no packaged config of that name "
+                           f"({', '.join(packaged_configs())})")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> TrainConfig:
-    """Defaults, then the YAML file at ``path``, then ``overrides`` (already-parsed command-line values)."""
+    """Defaults, then the YAML file ``path`` (a path or a packaged config's name, see ``find_config``), then
+    ``overrides`` (already-parsed command-line values); resolved by ``resolve_config``."""
     values: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise MissingFileError(f"config file not found: {path}")
+        path = find_config(path)
         try:
             with open(path, "rb") as f:
                 loaded = yaml.safe_load(f) or {}
@@ -160,9 +199,45 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
         if key not in config_fields():
             raise _unknown(key, "the overrides")
         values[key] = parse_value(key, value)
-    cfg = TrainConfig(**values)
+    return resolve_config(TrainConfig(**values))
+
+
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` checked, its dataset under its registered name (a folder becomes ``imagefolder`` with that
+    ``data_dir``) and its output folder filled in (``runs/train/<model>``). Resolving twice changes nothing."""
+    dataset, data_dir = _resolve_data(cfg.dataset, cfg.data_dir)
+    default_output = Path("runs", "train", cfg.model.replace("/", "_").replace(":", "_"))  # as other commands name it
+    output = cfg.output if cfg.output is not None else str(default_output)
+    cfg = dataclasses.replace(cfg, dataset=dataset, data_dir=data_dir, output=output)
     _validate(cfg)
     return cfg
+
+
+def _dataset_name(name: str) -> str | None:
+    """The registered name ``name`` means (``fashion-mnist`` is ``fashion_mnist``), or None."""
+    return "imagefolder" if name == "imagefolder" else data_name(name)
+
+
+def _resolve_data(dataset: str, data_dir: str | None) -> tuple[str, str | None]:
+    name = _dataset_name(dataset)
+    if name is not None:
+        return name, data_dir
+    if Path(dataset).is_dir():
+        if data_dir is not None and Path(data_dir).resolve() != Path(dataset).resolve():
+            raise InvalidArgumentError(f"the data is the folder {dataset} but data_dir says {data_dir}; give one")
+        return "imagefolder", dataset
+    raise InvalidArgumentError(
+        f"unknown dataset {dataset!r}: neither a dataset name ({', '.join(data_names())}) nor a folder")
+
+
+def resume_conflicts(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The config keys whose values in ``cfg`` differ from ``saved`` (a checkpoint's config) in a way that forbids
+    resuming: all but RESUME_SAFE_KEYS and ``epochs``, whose checks are the training loop's."""
+    current = asdict(cfg)
+    if isinstance(saved.get("dataset"), str):  # a name may be spelt either way (fashion-mnist, fashion_mnist)
+        saved = {**saved, "dataset": _dataset_name(saved["dataset"]) or saved["dataset"]}
+    keys = (set(saved) | set(current)) - RESUME_SAFE_KEYS - {"epochs"}
+    return sorted(k for k in keys if saved.get(k) != current.get(k))
 
 
 def _validate(cfg: TrainConfig) -> None:
@@ -182,7 +257,7 @@ def _validate(cfg: TrainConfig) -> None:
     if isinstance(budget, float) and not 0 < budget <= 1:
         raise InvalidArgumentError(
             f"ats_budget {budget}: write an integer token count (e.g. {max(1, round(budget))}) or a ratio in (0, 1]")
-    for name in ("train_subset", "val_subset"):
+    for name in ("train_subset", "val_subset", "max_steps"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise InvalidArgumentError(f"{name} must be >= 1, got {value}")

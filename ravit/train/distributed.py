@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_reduce_sum", "barrier", "cleanup", "init_distributed"]
+__all__ = ["DistInfo", "all_reduce_sum", "barrier", "cleanup", "gather_objects", "init_distributed"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,15 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """``obj`` of every process, in rank order (``[obj]`` for a single process); picklable objects only."""
+    if not info.distributed:
+        return [obj]
+    objects = [None] * info.world_size
+    dist.all_gather_object(objects, obj)
+    return objects
 
 
 def barrier(info: DistInfo) -> None:

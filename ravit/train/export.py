@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ravit.data import create_dataset, create_transform, dataset_info
+from ravit.outputs import write_json
 from ravit.train.checkpoint import load_training_checkpoint
 from ravit.train.config import TrainConfig
 from ravit.train.loop import evaluate
@@ -129,7 +130,5 @@ def export_zoo_model(
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"models": {}}
     manifest["notes"] = _NOTES
     manifest["models"][name] = entry
-    tmp = manifest_path.with_name(manifest_path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
+    write_json(manifest_path, manifest)
     return entry
