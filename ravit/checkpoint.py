@@ -4,13 +4,15 @@ Reads ``.safetensors``, ``.pth``/``.pth.tar``/``.bin``/``.pt`` (a plain state di
 ``state_dict`` / ``state_dict_ema`` / ``model_ema``), strips ``module.`` and ``_orig_mod.`` prefixes, loads with
 ``weights_only=True`` and an allowlist for the non-tensor objects of timm training checkpoints, maps official key
 names through the model family's ``checkpoint_filter_fn(state_dict, model)`` and otherwise fails with an error
-naming the missing, unexpected and mis-shaped keys. A new classifier and resized weights (``pos_embed`` through timm's
-ViT filter) are never silent: they must be asked for, and are logged when they happen.
+naming the missing, unexpected and mis-shaped keys. A new classifier, a first convolution adapted to another number of
+input channels and resized weights (``pos_embed`` through timm's ViT filter) are never silent: they must be asked for,
+and are logged when they happen.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import pickle
@@ -22,18 +24,23 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from timm.models import adapt_input_conv
 from torch import nn
 
 from ravit.errors import DataError, InvalidArgumentError, MissingFileError
-from ravit.outputs import new_temp_file
+from ravit.outputs import atomic_open
 
 __all__ = [
     "CheckpointError",
     "load_checkpoint",
     "load_state_dict",
     "load_torch_file",
+    "misfit",
+    "safe_checkpoint_globals",
     "save_checkpoint",
+    "unwrap_state_dict",
     "use_ravit_loader",
 ]
 
@@ -61,6 +68,12 @@ def _safe_globals() -> list:
     allowed.append(core.multiarray.scalar)
     allowed.extend(cls for cls in vars(np.dtypes).values() if isinstance(cls, type))
     return allowed
+
+
+def safe_checkpoint_globals() -> contextlib.AbstractContextManager:
+    """A context in which ``torch.load(..., weights_only=True)`` also builds the non-tensor objects of timm training
+    checkpoints (for loaders outside ravit's, e.g. timm's ``load_pretrained`` reading a downloaded file)."""
+    return torch.serialization.safe_globals(_safe_globals())
 
 
 def _refused_global(err: pickle.UnpicklingError) -> str | None:
@@ -127,21 +140,28 @@ def load_state_dict(path: str | os.PathLike, use_ema: bool = False,
         obj: object = _load_safetensors(path)
     else:
         obj = load_torch_file(path, trust_checkpoint)
+    return unwrap_state_dict(obj, path, use_ema)
+
+
+def unwrap_state_dict(obj: object, source: str | os.PathLike, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The flat ``{key: tensor}`` dict inside what a checkpoint file held (a module, a plain state dict, or one wrapped
+    in ``state_dict`` / ``model``, or ``state_dict_ema`` / ``model_ema`` with ``use_ema``), ``module.`` and
+    ``_orig_mod.`` prefixes stripped; anything else is a CheckpointError naming ``source``."""
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a state dict")
     wrapped = [key for key in (_WRAPPERS_EMA if use_ema else _WRAPPERS) if isinstance(obj.get(key), dict)]
     if use_ema and not wrapped:
-        raise CheckpointError(f"use_ema=True but {path} has no EMA weights ({' / '.join(_WRAPPERS_EMA)}; keys: "
+        raise CheckpointError(f"use_ema=True but {source} has no EMA weights ({' / '.join(_WRAPPERS_EMA)}; keys: "
                               f"{_describe(sorted(map(str, obj)))}); drop use_ema to load its plain weights")
     if wrapped:
         obj = obj[wrapped[0]]
     state_dict = {}
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor under a string key"
-                                  f"; keys found: {_describe(sorted(map(str, obj)))}")
+            raise CheckpointError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor under a string "
+                                  f"key; keys found: {_describe(sorted(map(str, obj)))}")
         for prefix in _PREFIXES:
             if key.startswith(prefix):
                 key = key[len(prefix):]
@@ -184,6 +204,44 @@ def _new_head_asked(model: nn.Module) -> bool:
     return "num_classes" in cfg and getattr(model, "num_classes", cfg["num_classes"]) != cfg["num_classes"]
 
 
+def _adapt_first_conv(state_dict: dict[str, torch.Tensor], model: nn.Module, own: dict[str, torch.Tensor]) -> list[str]:
+    """timm's convention for another ``in_chans``: when ``model`` was built for another number of input channels than
+    its pretrained config (``input_size[0]``), a checkpoint's first convolution (the config's ``first_conv``) that
+    differs from the model's in its input channels only is adapted by timm's ``adapt_input_conv`` (summed for one
+    channel, tiled and rescaled for more). Changes ``state_dict`` in place and names what it adapted."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    cfg_chans = (cfg.get("input_size") or (3,))[0]
+    names = cfg.get("first_conv") or ()
+    adapted = []
+    for conv_name in (names,) if isinstance(names, str) else names:
+        key = f"{conv_name}.weight"
+        if key not in state_dict or key not in own or own[key].ndim != 4 or own[key].shape[1] == cfg_chans:
+            continue
+        weight, target = state_dict[key], own[key].shape  # (out, in, kh, kw)
+        if weight.shape[1] == target[1] or weight.shape[:1] + weight.shape[2:] != target[:1] + target[2:]:
+            continue
+        state_dict[key] = adapt_input_conv(target[1], weight, base_chans=weight.shape[1])
+        adapted.append(f"{key} {tuple(weight.shape)} -> {tuple(target)}")
+    return adapted
+
+
+def misfit(state_dict: dict[str, torch.Tensor], own: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
+    """Why ``state_dict`` does not load into a model whose state dict is ``own``: a line each for its missing and
+    unexpected keys (when ``strict``) and its mis-shaped keys; empty when it loads."""
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    misshaped = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    lines = []
+    if strict and missing:
+        lines.append(f"  {len(missing)} missing keys: {_describe(missing)}")
+    if strict and unexpected:
+        lines.append(f"  {len(unexpected)} unexpected keys: {_describe(unexpected)}")
+    if misshaped:
+        lines.append(f"  {len(misshaped)} mis-shaped keys: {_describe(misshaped, 4)}")
+    return lines
+
+
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, use_ema: bool = False, strict: bool = True,
                     trust_checkpoint: bool = False, new_head: bool | None = None, resize: bool = False) -> nn.Module:
     """Load ``path`` into ``model`` in place and return the model.
@@ -192,6 +250,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, use_ema: bool = F
     ``new_head``: a classifier that differs from the checkpoint's (another ``num_classes``, or none on either side)
     keeps the model's fresh initialisation, with a logged warning; ``None`` follows timm's convention (allowed when
     the model was built for another ``num_classes`` than its pretrained config), ``False`` never allows it.
+    A first convolution for another number of input channels is adapted as timm does when the model was built with
+    another ``in_chans`` than its pretrained config (logged).
     ``resize``: let the filter interpolate weights whose shape differs (timm's ViT filter resamples ``pos_embed`` for
     another image size), with a logged warning. Any other difference raises ``CheckpointError`` listing the missing,
     unexpected and mis-shaped keys (``strict=False`` loads what fits, logs what it left out, and still refuses
@@ -224,21 +284,19 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, use_ema: bool = F
             hints.append(f"  the classifier differs ({described}): build the model with the checkpoint's "
                          "num_classes, or pass new_head=True to train a new classifier")
 
+    adapted = _adapt_first_conv(state_dict, model, own)
+    if adapted:
+        _logger.warning("%s: first convolution adapted to the input channels of %s: %s", path, name,
+                        _describe(adapted, 4))
+
+    problems = misfit(state_dict, own, strict)
+    if problems:
+        saved_as = _checkpoint_model_name(path)
+        header = (f"checkpoint {path} does not fit model '{name}'"
+                  + (f" (it was saved from '{saved_as}')" if saved_as else "") + ":")
+        raise CheckpointError("\n".join([header, *problems, *hints]))
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    misshaped = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                 for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    if misshaped or (strict and (missing or unexpected)):
-        saved_as = _checkpoint_model_name(path)
-        lines = [f"checkpoint {path} does not fit model '{name}'"
-                 + (f" (it was saved from '{saved_as}')" if saved_as else "") + ":"]
-        if missing:
-            lines.append(f"  {len(missing)} missing keys: {_describe(missing)}")
-        if unexpected:
-            lines.append(f"  {len(unexpected)} unexpected keys: {_describe(unexpected)}")
-        if misshaped:
-            lines.append(f"  {len(misshaped)} mis-shaped keys: {_describe(misshaped, 4)}")
-        raise CheckpointError("\n".join(lines + hints))
     if missing or unexpected:
         _logger.warning("%s: strict=False loaded %s without %d missing keys (%s) and ignored %d unexpected keys (%s)",
                         path, name, len(missing), _describe(missing, 4), len(unexpected), _describe(unexpected, 4))
@@ -252,20 +310,11 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: dict[st
     path = Path(path)
     if path.suffix != ".safetensors":
         raise InvalidArgumentError(f"ravit saves .safetensors files, got {path.name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}  # no shared storage
     meta = {"format": "pt", "model": _model_name(model), "num_classes": str(getattr(model, "num_classes", ""))}
     meta.update(metadata or {})
-    tmp = new_temp_file(path)
-    try:
-        mode = tmp.stat().st_mode & 0o777  # what open() gives here; safetensors writes 0o600 whatever the umask
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, mode)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path, "wb", fsync=True) as f:  # safetensors' own save_file would create the file 0o600
+        f.write(safetensors_bytes(tensors, metadata=meta))
     return path
 
 

@@ -146,3 +146,26 @@ def test_saved_metadata_names_model(tmp_path):
     with safe_open(path, framework="pt") as f:
         assert f.metadata()["model"] == "test_fan_vit"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_first_conv_adapted_for_other_in_chans(tmp_path, x):
+    """A model built for another in_chans than its config gets the checkpoint's first convolution adapted as timm does
+    (summed over the input channels for one), through ravit.load_checkpoint and the pretrained_cfg_overlay file path;
+    the rest loads unchanged."""
+    src = tiny(seed=1)
+    path = save_checkpoint(src, tmp_path / "rgb.safetensors")
+    conv = "patch_embed.proj.0.0.weight"
+    for model in (ravit.load_checkpoint(tiny(seed=2, in_chans=1), path),
+                  timm.create_model("test_fan_vit", num_classes=10, in_chans=1, pretrained=True,
+                                    pretrained_cfg_overlay=dict(file=str(path)))):
+        torch.testing.assert_close(model.state_dict()[conv], src.state_dict()[conv].sum(dim=1, keepdim=True))
+        assert _same_weights(model, src, skip=("patch_embed.proj.0.0.",))
+        with torch.no_grad():
+            assert model.eval()(x.mean(dim=1, keepdim=True)).shape == (2, 10)
+
+
+def test_first_conv_of_other_in_chans_refused_when_not_asked(tmp_path):
+    """A model built with its config's in_chans does not adapt a checkpoint saved for another one."""
+    path = save_checkpoint(tiny(seed=1, in_chans=1), tmp_path / "gray.safetensors")
+    with pytest.raises(CheckpointError, match=r"patch_embed.proj.0.0.weight: checkpoint \(4, 1, 3, 3\)"):
+        ravit.load_checkpoint(tiny(seed=2), path)
