@@ -300,9 +300,9 @@ def image_folder(tmp_path_factory):
 CLI_CASES = {
     "spectra": (["--blocks", "0", "2"], ["spectra.png"], "blocks"),
     "perturbation": (["--noise-std", "0.1", "0.3"], ["perturbation.png"], "noise"),
-    "clusters": (["--k", "3", "--num-images", "2"], ["clusters.png"], "blocks"),
-    "attention": (["--indices", "1", "4"], ["attention.png"], "maps"),
-    "ats": (["--ats-blocks", "1", "2", "--mask-images", "2"], ["ats_masks.png", "ats_tokens.png", "ats_gmacs.png"],
+    "clusters": (["--k", "3", "--limit", "2"], ["clusters.png"], "blocks"),
+    "attention": (["--indices", "1,4"], ["attention.png"], "maps"),
+    "ats": (["--blocks", "1-2", "--mask-images", "2"], ["ats_masks.png", "ats_tokens.png", "ats_gmacs.png"],
             "kept_tokens"),
 }
 
@@ -310,7 +310,7 @@ CLI_CASES = {
 @pytest.mark.parametrize("analysis", list(CLI_CASES))
 def test_cli_writes_png_and_json(analysis, image_folder, tmp_path):
     extra, pngs, key = CLI_CASES[analysis]
-    code = main(["analyze", analysis, *TINY_ARGS, "--dataset", str(image_folder), "--num-images", "4",
+    code = main(["analyze", analysis, *TINY_ARGS, "--data", str(image_folder), "--limit", "4",
                  "--output", str(tmp_path), *extra])
     assert code == 0
     for png in pngs:
@@ -325,18 +325,20 @@ def test_cli_on_fashion_mnist(tmp_path):
         ravit.data.find_fashion_mnist()
     except FileNotFoundError as err:
         pytest.skip(f"Fashion-MNIST not installed: {err}")
-    assert main(["analyze", "spectra", *TINY_ARGS, "--num-images", "8", "--output", str(tmp_path)]) == 0
+    assert main(["analyze", "spectra", *TINY_ARGS, "--data", "fashion_mnist", "--limit", "8", "--output",
+                 str(tmp_path)]) == 0
     record = json.loads((tmp_path / "spectra.json").read_text())
     assert record["num_images"] == 8 and len(record["blocks"]) == 3
     assert (tmp_path / "spectra.csv").read_text().startswith("block,mean,std")
 
 
 def test_cli_user_errors_exit_2(tmp_path, capsys, image_folder):
-    common = ["--dataset", str(image_folder), "--output", str(tmp_path)]
+    common = ["--data", str(image_folder), "--output", str(tmp_path)]
     no_cls = [*TINY_ARGS, "class_token=false", "global_pool=avg"]
     assert main(["analyze", "attention", *no_cls, "--kind", "cls", *common]) == 2
     assert "class token" in capsys.readouterr().err
-    assert main(["analyze", "spectra", *TINY_ARGS, "--dataset", str(tmp_path / "missing")]) == 2
+    assert main(["analyze", "spectra", *TINY_ARGS, "--data", str(tmp_path / "missing")]) == 2
+    assert "data folder not found" in capsys.readouterr().err
     assert main(["analyze", "spectra", *TINY_ARGS, "--checkpoint", str(tmp_path / "none.pth"), *common]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
 
@@ -345,11 +347,11 @@ def test_cli_user_errors_exit_2(tmp_path, capsys, image_folder):
     "analysis,extra,message",
     [
         ("spectra", ["--device", "banana"], "--device 'banana' is not a device"),
-        ("spectra", ["--num-images", "0"], "--num-images must be at least 1"),
-        ("perturbation", ["--batch-size", "0"], "--batch-size must be at least 1"),
-        ("perturbation", ["--noise-std", "nan"], "--noise-std must be finite"),
-        ("clusters", ["--k", "0"], "--k must be at least 1"),
-        ("ats", ["--mask-images", "0"], "--mask-images must be at least 1"),
+        ("spectra", ["--limit", "0"], "--limit must be >= 1"),
+        ("perturbation", ["--batch-size", "0"], "--batch-size must be >= 1"),
+        ("perturbation", ["--noise-std", "0.1,nan"], "--noise-std: must be finite"),
+        ("clusters", ["--k", "0"], "--k must be >= 1"),
+        ("ats", ["--mask-images", "0"], "--mask-images must be >= 1"),
         ("ats", ["--budget", "lots"], "--budget: a budget is"),
     ],
 )
@@ -373,8 +375,8 @@ def test_cli_output_under_a_file_fails_before_any_work(tmp_path, capsys, monkeyp
 
 def test_cli_ats_budget_is_never_truncated(tmp_path, capsys, image_folder):
     """--budget 2.5 ran as 2 tokens; now it is the same error as ravit.apply_ats(budget=2.5), before any image."""
-    argv = ["analyze", "ats", *TINY_ARGS, "--dataset", str(image_folder), "--output", str(tmp_path / "out"),
-            "--ats-blocks", "1", "2", "--budget", "2.5"]
+    argv = ["analyze", "ats", *TINY_ARGS, "--data", str(image_folder), "--output", str(tmp_path / "out"),
+            "--blocks", "1", "2", "--budget", "2.5"]
     assert main(argv) == 2
     assert "never rounded" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -1,4 +1,5 @@
-"""``ravit ats``: end to end on Fashion-MNIST and on an image folder, and its clean errors."""
+"""``ravit ats``: end to end on Fashion-MNIST and on an image folder (its default output folder), and its clean
+errors."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ def _fashion_mnist_or_skip():
 def test_fashion_mnist_end_to_end(tmp_path, capsys):
     _fashion_mnist_or_skip()
     out = tmp_path / "out"
-    argv = ["ats", TINY[0], "fashion-mnist", *TINY[1:], "img_size=28", "in_chans=1", "--blocks", "1-3",
-            "--budget", "0.8", "--limit", "12", "--batch-size", "5", "--num-images", "3", "--output", str(out)]
+    argv = ["ats", TINY[0], "--data", "fashion-mnist", *TINY[1:], "img_size=28", "in_chans=1", "--blocks", "1-3",
+            "--budget", "0.8", "--limit", "12", "--batch-size", "5", "--mask-images", "3", "--output", str(out)]
     assert main(argv) == 0
     record = json.loads((out / "ats.json").read_text())
     assert record["num_images"] == 12 and record["ats"]["blocks"] == [1, 2, 3]
@@ -44,7 +45,7 @@ def test_fashion_mnist_end_to_end(tmp_path, capsys):
     assert "accuracy: dense" in capsys.readouterr().out
 
 
-def test_image_folder(tmp_path):
+def test_image_folder_into_the_default_output_folder(tmp_path, monkeypatch):
     root = tmp_path / "images"
     gen = torch.Generator().manual_seed(0)
     for cls in ("cat", "dog"):
@@ -52,10 +53,11 @@ def test_image_folder(tmp_path):
         for i in range(3):
             pixels = torch.randint(0, 256, (40, 40, 3), generator=gen, dtype=torch.uint8).numpy()
             Image.fromarray(pixels).save(root / cls / f"{i}.png")
-    out = tmp_path / "out"
-    argv = ["ats", TINY[0], str(root), *TINY[1:], "img_size=28", "--blocks", "2", "3", "--budget", "none", "5",
-            "--sampler", "topk", "--output", str(out)]
+    monkeypatch.chdir(tmp_path)
+    argv = ["ats", TINY[0], "--data", str(root), *TINY[1:], "img_size=28", "--blocks", "2", "3", "--budget", "none,5",
+            "--sampler", "topk"]
     assert main(argv) == 0
+    out = tmp_path / "runs" / "ats" / TINY[0]  # runs/<command>/<MODEL>
     record = json.loads((out / "ats.json").read_text())
     assert record["num_images"] == 6 and record["ats"]["budgets"] == [None, 5] and record["ats"]["sampler"] == "topk"
     assert record["kept_tokens"][1]["max"] == 1 + 5
@@ -66,32 +68,35 @@ def test_image_folder(tmp_path):
     [
         (["--blocks", "9"], "out of range"),
         (["--budget", "0"], "out of range"),
-        (["--budget", "lots"], "--budget expects"),
-        (["--blocks", "x-y"], "--blocks expects"),
+        (["--budget", "lots"], "--budget: a budget is"),
+        (["--blocks", "x-y"], "--blocks: expected block indices"),
         (["--model-kwargs", "class_token=False", "global_pool=avg"], "ATS supports timm VisionTransformer"),
     ],
 )
 def test_bad_input_is_one_clean_line(tmp_path, capsys, extra, message):
-    argv = ["ats", TINY[0], str(tmp_path), *TINY[1:], "img_size=28", *extra]
+    argv = ["ats", TINY[0], "--data", str(tmp_path), *TINY[1:], "img_size=28", *extra]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ravit ats: error:") and message in err and "\n" not in err
 
 
 def test_missing_data_folder(tmp_path, capsys):
-    assert main(["ats", TINY[0], str(tmp_path / "nowhere"), *TINY[1:], "img_size=28", "--blocks", "1-3"]) == 2
-    assert "not a directory" in capsys.readouterr().err
+    assert main(["ats", TINY[0], "--data", str(tmp_path / "nowhere"), *TINY[1:], "img_size=28"]) == 2
+    assert "data folder not found" in capsys.readouterr().err
+    assert main(["ats", TINY[0], "--data", "mnist", *TINY[1:], "img_size=28"]) == 2
+    assert "unknown data 'mnist'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--num-images", "0"], "--num-images must be at least 1"),
-        (["--limit", "-2"], "--limit must be at least 1"),
-        (["--batch-size", "0"], "--batch-size must be at least 1"),
-        (["--workers", "-1"], "--workers must be at least 0"),
+        (["--mask-images", "0"], "--mask-images must be >= 1"),
+        (["--limit", "-2"], "--limit must be >= 1"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--workers", "-1"], "--workers must be >= 0"),
         (["--device", "banana"], "--device 'banana' is not a device"),
-        (["--budget", "nan"], "--budget expects"),
+        (["--budget", "nan"], "--budget: a budget is"),
+        (["--budget", ","], "--budget: no value given"),
     ],
 )
 def test_bad_counts_and_device_fail_before_any_work(tmp_path, capsys, monkeypatch, extra, message):
@@ -102,7 +107,7 @@ def test_bad_counts_and_device_fail_before_any_work(tmp_path, capsys, monkeypatc
         raise AssertionError("the model was built before the arguments were checked")
 
     monkeypatch.setattr(ravit, "create_model", no_work)
-    assert main(["ats", TINY[0], "fashion-mnist", *TINY[1:], "img_size=28", "in_chans=1", *extra]) == 2
+    assert main(["ats", TINY[0], "--data", "fashion-mnist", *TINY[1:], "img_size=28", "in_chans=1", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ravit ats: error:") and message in err and "\n" not in err
 
@@ -113,7 +118,7 @@ def test_output_under_a_file_fails_before_any_work(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(ravit, "create_model", lambda *a, **k: pytest.fail("the model was built"))
     blocker = tmp_path / "results.txt"
     blocker.write_text("not a folder")
-    argv = ["ats", TINY[0], "fashion-mnist", *TINY[1:], "--output", str(blocker / "ats")]
+    argv = ["ats", TINY[0], "--data", "fashion-mnist", *TINY[1:], "--output", str(blocker / "ats")]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "is under" in err and "which is a file" in err and "\n" not in err
@@ -124,8 +129,8 @@ def test_output_under_a_file_fails_before_any_work(tmp_path, capsys, monkeypatch
                                              ("0.001", "leaves no patch token")])
 def test_budget_is_never_truncated(tmp_path, capsys, budget, message):
     """--budget 2.5 used to run as 2 tokens elsewhere; a fraction above 1 is an error, and so is a ratio that keeps
-    nothing, before any image is read (DATA here does not exist)."""
-    argv = ["ats", TINY[0], str(tmp_path / "nowhere"), *TINY[1:], "img_size=28", "--blocks", "1-3",
+    nothing, before any image is read (the data folder here holds none)."""
+    argv = ["ats", TINY[0], "--data", str(tmp_path), *TINY[1:], "img_size=28", "--blocks", "1-3",
             "--budget", budget]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -136,8 +141,8 @@ def test_whole_float_budget_counts_tokens(tmp_path):
     """--budget 5.0 is 5 tokens, the same rule as ravit.apply_ats(budget=5.0)."""
     _fashion_mnist_or_skip()
     out = tmp_path / "out"
-    argv = ["ats", TINY[0], "fashion-mnist", *TINY[1:], "img_size=28", "in_chans=1", "--blocks", "2",
-            "--budget", "5.0", "--limit", "3", "--num-images", "1", "--device", "cpu", "--output", str(out)]
+    argv = ["ats", TINY[0], "--data", "fashion_mnist", *TINY[1:], "img_size=28", "in_chans=1", "--blocks", "2",
+            "--budget", "5.0", "--limit", "3", "--mask-images", "1", "--device", "cpu", "--output", str(out)]
     assert main(argv) == 0
     record = json.loads((out / "ats.json").read_text())
     assert record["ats"]["budgets"] == [5] and record["kept_tokens"][0]["max"] <= 1 + 5

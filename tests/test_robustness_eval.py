@@ -183,7 +183,7 @@ def test_writer_resume_after_interruption(tmp_path, monkeypatch):
     assert len(finished) == 18 and all(expected[k] == v for k, v in finished.items()), "no half-written image"
     again = write_c_dataset(source, tmp_path / "run", **kw)
     assert again == {"written": 23, "skipped": 17, "unreadable": 0}
-    assert any(Path(k).name.endswith(".tmp") for k in partial), "the interrupted write left its temporary file"
+    assert not any(Path(k).name.endswith(".tmp") for k in partial), "the interrupted write removed its temp file"
     assert _tree(tmp_path / "run") == expected, "a resumed run writes what an uninterrupted one does, temp files gone"
 
 
@@ -307,14 +307,35 @@ def test_ddp_two_ranks_gather_counts(fmnist, tmp_path):
 def test_cli_errors_and_writer(tmp_path, capsys):
     from ravit.cli import main
 
-    assert main(["corrupt", "fashion-mnist", str(tmp_path / "c"), "--corruptions", "rain"]) == 2
+    assert main(["corrupt", "--output", str(tmp_path / "c"), "--corruptions", "rain"]) == 2
     assert "valid names: gaussian_noise" in capsys.readouterr().err
-    assert main(["corrupt", "fashion-mnist", str(tmp_path / "c"), "--severities", "0"]) == 2
+    assert main(["corrupt", "--output", str(tmp_path / "c"), "--severities", "0"]) == 2
     assert "valid severities: 1, 2, 3, 4, 5" in capsys.readouterr().err
     assert main(["robustness", "test_vit", "--data", str(tmp_path / "missing"), "--benchmark", "imagenet-c"]) == 2
     assert "not found" in capsys.readouterr().err
+    assert main(["robustness", "test_vit", "--benchmark", "imagenet-c"]) == 2  # --data fashion-mnist: not a folder
+    assert "reads a folder" in capsys.readouterr().err
     src = tmp_path / "src"
     _folder(src, ["a", "b"], lambda k: 40 + 100 * k)
-    assert main(["corrupt", str(src), str(tmp_path / "c"), "--corruptions", "noise", "--severities", "2,4"]) == 0
+    argv = ["corrupt", "--data", str(src), "--output", str(tmp_path / "c"), "--corruptions", "noise", "--severities"]
+    assert main([*argv, "2,4"]) == 0
     assert len(list((tmp_path / "c").rglob("*.png"))) == 4 * 2 * 2
     assert (tmp_path / "c" / "speckle_noise" / "4" / "b" / "a.png").is_file()
+    assert main([*argv, "2", "4"]) == 0  # the same list written the other way: the same images, all already there
+    assert "wrote 0 images, skipped 16 already present" in capsys.readouterr().out
+
+
+def test_fashion_mnist_view_is_the_one_dataset_class(fmnist):
+    """The robustness view of Fashion-MNIST is ravit.data's FashionMNIST with [0, 1] tensors: the IDX pixels / 255 at
+    the model's 28x28, under either spelling of the name."""
+    from ravit.data import FashionMNIST, load_fashion_mnist
+    from ravit.robustness.evaluate import ModelInput, image_dataset
+
+    images, labels = load_fashion_mnist("test")
+    other = image_dataset("fashion_mnist", ModelInput.from_model(_Tiny()), "test")
+    assert isinstance(fmnist, FashionMNIST) and isinstance(other, FashionMNIST)
+    for i in (0, 7):
+        x, y = fmnist[i]
+        assert x.dtype == torch.float32 and x.shape == (1, 28, 28) and y == int(labels[i])
+        torch.testing.assert_close(x[0], images[i].float() / 255, rtol=0, atol=0)
+        torch.testing.assert_close(other[i][0], x, rtol=0, atol=0)

@@ -22,7 +22,7 @@ from ravit.robustness.registry import BENCHMARK_CORRUPTIONS  # noqa: E402
 
 def test_study_writes_every_result(tmp_path):
     out = tmp_path / "study"
-    code = main(["study", "--out", str(out), "--limit", "24", "--severities", "2", "--budgets", "all", "0.5",
+    code = main(["study", "--output", str(out), "--limit", "24", "--severities", "2", "--budgets", "all,0.5",
                  "--gmacs-images", "8", "--analysis-images", "4", "--no-progress"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -43,8 +43,8 @@ def test_study_writes_every_result(tmp_path):
 
 
 def test_study_rejects_bad_settings(tmp_path, capsys):
-    assert main(["study", "--out", str(tmp_path), "--limit", "0"]) == 2
-    assert "must be positive" in capsys.readouterr().err
+    assert main(["study", "--output", str(tmp_path), "--limit", "0"]) == 2
+    assert "--limit must be >= 1" in capsys.readouterr().err
 
 
 def test_small_run_has_no_division_by_zero_and_replaces_an_old_run(tmp_path, capsys):
@@ -56,7 +56,7 @@ def test_small_run_has_no_division_by_zero_and_replaces_an_old_run(tmp_path, cap
     stale.parent.mkdir(parents=True)
     stale.write_text("stale")
     (out / "summary.json").write_text("{}")
-    code = main(["study", "--out", str(out), "--limit", "10", "--severities", "1", "--budgets", "0.5",
+    code = main(["study", "--output", str(out), "--limit", "10", "--severities", "1", "--budgets", "0.5",
                  "--gmacs-images", "4", "--analysis-images", "4", "--no-progress"])
     assert code == 0
     assert not stale.parent.exists()
@@ -110,12 +110,12 @@ def test_crash_leaves_the_previous_results_and_no_partial_folder(tmp_path, monke
         (["--budgets", "-0.5"], "out of range"),
         (["--budgets", "0.001"], "leaves no patch token"),
         (["--budgets", "lots"], "--budgets: a budget is"),
-        (["--gmacs-images", "0"], "gmacs_images must be positive"),
-        (["--analysis-images", "-1"], "analysis_images must be positive"),
-        (["--noise-std", "nan"], "noise_std must be a finite number"),
+        (["--gmacs-images", "0"], "--gmacs-images must be >= 1"),
+        (["--analysis-images", "-1"], "--analysis-images must be >= 1"),
+        (["--noise-std", "nan"], "--noise-std: must be finite"),
         (["--device", "banana"], "--device 'banana' is not a device"),
-        (["--fan", "fmnist_deit_p4"], "two different models"),
-        (["--vit", "fmnist_fan_p4", "--fan", "fmnist_deit_p4"], "ATS supports timm VisionTransformer"),
+        (["fmnist_deit_p4", "fmnist_deit_p4"], "two different models"),
+        (["fmnist_fan_p4", "fmnist_deit_p4"], "ATS supports timm VisionTransformer"),
     ],
 )
 def test_bad_settings_fail_before_any_work(tmp_path, capsys, monkeypatch, extra, message):
@@ -124,7 +124,7 @@ def test_bad_settings_fail_before_any_work(tmp_path, capsys, monkeypatch, extra,
 
     monkeypatch.setattr(ravit.study, "_robustness", lambda *a, **k: pytest.fail("the study started"))
     out = tmp_path / "study"
-    assert main(["study", "--out", str(out), "--no-progress", *extra]) == 2
+    assert main(["study", "--output", str(out), "--no-progress", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ravit study: error:") and message in err and "\n" not in err
     assert list(tmp_path.iterdir()) == []
@@ -141,7 +141,7 @@ def test_output_folder_that_cannot_be_replaced(tmp_path, capsys, monkeypatch):
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     for out, message in ((blocker, "is a file"), (blocker / "sub", "which is a file"), (mine, "notes.txt")):
-        assert main(["study", "--out", str(out), "--no-progress"]) == 2
+        assert main(["study", "--output", str(out), "--no-progress"]) == 2
         assert message in capsys.readouterr().err
     assert (mine / "notes.txt").read_text() == "keep me" and blocker.read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine"]

@@ -176,8 +176,8 @@ def test_empty_corruption_list_is_an_error(tmp_path, capsys):
     source = SourceImages(lambda i: torch.rand(1, 4, 4), ["c"], ["p"])
     with pytest.raises(InvalidArgumentError, match="no corruption"):
         write_c_dataset(source, tmp_path, [], [1], progress=False)
-    code, err = _main(["corrupt", "fashion-mnist", str(tmp_path / "o"), "--corruptions", ","], capsys)
-    assert code == 2 and "no corruption named" in err and not (tmp_path / "o").exists()
+    code, err = _main(["corrupt", "--output", str(tmp_path / "o"), "--corruptions", ","], capsys)
+    assert code == 2 and "--corruptions: no value given" in err and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("name", ALL_CORRUPTIONS)
@@ -283,8 +283,8 @@ def test_unreadable_images(tmp_path, capsys):
     with pytest.warns(UserWarning, match="bad.png"):
         stats = write_c_dataset(source_images(str(src)), tmp_path / "out", ["contrast"], [1, 2], progress=False)
     assert stats == {"written": 4, "skipped": 0, "unreadable": 1}
-    code, err = _main(["corrupt", str(src), str(tmp_path / "cli"), "--corruptions", "contrast", "--severities", "1"],
-                      capsys)
+    code, err = _main(["corrupt", "--data", str(src), "--output", str(tmp_path / "cli"), "--corruptions", "contrast",
+                       "--severities", "1"], capsys)
     assert code == 0 and "warning: skipping an unreadable source image" in err and "bad.png" in err
     with pytest.raises(DataError, match="bad.png: not a readable image"):
         load_rgb(src / "b" / "bad.png")
@@ -313,18 +313,19 @@ def test_truncated_idx_files(tmp_path):
 def test_cli_arguments_checked_before_the_work(tmp_path, capsys):
     afile = tmp_path / "file"
     afile.write_text("x")
+    out = ["--output", str(tmp_path / "o")]
     for argv, message in (
-        (["corrupt", "fashion-mnist", str(tmp_path / "o"), "--device", "banana"], "'banana' is not a device"),
-        (["robustness", "fmnist_deit_p4", "--data", "fashion-mnist", "--device", "banana", "--out",
-          str(tmp_path / "r")], "'banana' is not a device"),
-        (["corrupt", "fashion-mnist", str(afile / "o")], "lies under"),
-        (["corrupt", "fashion-mnist", str(afile)], "is a file"),
-        (["robustness", "fmnist_deit_p4", "--data", "fashion-mnist", "--out", str(afile / "r")], "lies under"),
-        (["corrupt", "fashion-mnist", str(tmp_path / "o"), "--limit", "0"], "--limit must be a positive"),
-        (["corrupt", "fashion-mnist", str(tmp_path / "o"), "--batch-size", "-1"], "--batch-size must be a positive"),
-        (["robustness", "fmnist_deit_p4", "--data", "fashion-mnist", "--limit", "-3"], "--limit must be a positive"),
-        (["robustness", "fmnist_deit_p4", "--data", "fashion-mnist", "--workers", "-1"], "--workers must be"),
-        (["robustness", "fmnist_deit_p4", "--data", "fashion-mnist", "--mce-baseline", str(tmp_path / "none.json")],
+        (["corrupt", *out, "--device", "banana"], "'banana' is not a device"),
+        (["robustness", "fmnist_deit_p4", "--data", "fashion-mnist", "--device", "banana", *out],
+         "'banana' is not a device"),
+        (["corrupt", "--output", str(afile / "o")], "lies under"),
+        (["corrupt", "--output", str(afile)], "is a file"),
+        (["robustness", "fmnist_deit_p4", "--data", "fashion-mnist", "--output", str(afile / "r")], "lies under"),
+        (["corrupt", *out, "--limit", "0"], "--limit must be >= 1"),
+        (["corrupt", *out, "--batch-size", "-1"], "--batch-size must be >= 1"),
+        (["robustness", "fmnist_deit_p4", *out, "--limit", "-3"], "--limit must be >= 1"),
+        (["robustness", "fmnist_deit_p4", *out, "--workers", "-1"], "--workers must be >= 0"),
+        (["robustness", "fmnist_deit_p4", *out, "--mce-baseline", str(tmp_path / "none.json")],
          "mCE baseline results not found"),
     ):
         code, err = _main(argv, capsys)
@@ -336,11 +337,12 @@ def test_cli_prints_the_mce_baseline_and_severities(tmp_path, capsys):
     from ravit.cli import main
 
     argv = ["robustness", "fmnist_deit_p4", "--pretrained", "--data", "fashion-mnist", "--corruptions", "fog",
-            "--severities", "1,3", "--limit", "4", "--device", "cpu"]
-    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+            "--severities", "1", "3", "--limit", "4", "--device", "cpu"]
+    assert main([*argv, "--output", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
     assert "baseline AlexNet" in out and "severities 1,3" in out and "INCOMPLETE" in out and "nominal" in out
-    assert main([*argv, "--out", str(tmp_path / "b"), "--mce-baseline", str(tmp_path / "a" / "robustness.json")]) == 0
+    baseline = str(tmp_path / "a" / "robustness.json")
+    assert main([*argv, "--output", str(tmp_path / "b"), "--mce-baseline", baseline]) == 0
     out = capsys.readouterr().out
     assert "baseline fmnist_deit_p4" in out
     summary = json.loads((tmp_path / "b" / "robustness.json").read_text())["summary"]

@@ -2,7 +2,9 @@
 
 Each subcommand lives in its own module in this package and exposes ``register(subparsers)``, which adds its
 parser and sets ``func`` (called with the parsed namespace, returns an exit code). Modules are discovered, so
-adding a subcommand never touches this file.
+adding a subcommand never touches this file. The flags they share (``MODEL``, ``--data``, ``--output``, lists ...)
+are built by ``ravit.cli._args``, whose parser class formats every help page and turns every parse error into one
+line.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import importlib
 import pkgutil
 import sys
 
+from ravit import __version__
+from ravit.cli._args import ArgumentParser
 from ravit.errors import InvalidArgumentError, UserError
 
 __all__ = ["CLIError", "build_parser", "main"]
@@ -26,9 +30,10 @@ _USER_OS_ERRORS = (PermissionError, NotADirectoryError, IsADirectoryError, FileE
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="ravit", description="Robust & Adaptive Vision Transformers: FAN, ATS and robustness tools."
     )
+    parser.add_argument("--version", action="version", version=f"ravit {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
@@ -52,17 +57,23 @@ def _one_line(err: UserError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = argparse.Namespace()  # the subcommand's name lands here first, so a parse error can name it
     try:
+        build_parser().parse_args(argv, args)
         return int(args.func(args) or 0)
     except UserError as err:
-        print(f"ravit {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"{_prog(args)}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except OSError as err:
         if not isinstance(err, _USER_OS_ERRORS) and err.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
             raise
-        print(f"ravit {args.command}: error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
+        print(f"{_prog(args)}: error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
+
+
+def _prog(args: argparse.Namespace) -> str:
+    command = getattr(args, "command", None)
+    return f"ravit {command}" if command else "ravit"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """``ravit analyze``: token grouping (FAN paper Sec. 3), attention maps and ATS token masks, as figures and numbers.
 
-Analyses (each writes ``<output>/<analysis>.png`` plus ``.json``, and ``.csv`` where tabular):
+Analyses (each writes ``<output>/<analysis>.png`` plus ``.json``, and ``.csv`` where tabular; ``--output`` defaults to
+``runs/analyze/<MODEL>``):
 
   spectra       significant eigenvalues of each block's token affinity, averaged over a dataset
   perturbation  relative change of each block's output under Gaussian input noise, over a dataset
@@ -9,9 +10,9 @@ Analyses (each writes ``<output>/<analysis>.png`` plus ``.json``, and ``.csv`` w
   ats           ATS kept-token masks per block, kept-token histograms and per-image GMACs
 
 MODEL is any ravit or timm model name (zoo models with ``--pretrained``), ``--checkpoint`` loads a file. Images of any
-size are brought to the model through the eval transform ``ravit train`` uses: converted to the model's channels,
-resized (and centre-cropped by crop_pct) to the model's input size, normalised with the dataset's statistics (with
-``--pretrained``: the mean, std and crop_pct of the weights' pretrained config).
+size are brought to the model as ``ravit.data.ModelInput`` says: converted to the model's channels, resized (and
+centre-cropped by crop_pct) to the model's input size, normalised with the dataset's statistics as ``ravit train`` does
+(with ``--pretrained``, or on an image folder: those of the weights' pretrained config).
 """
 
 from __future__ import annotations
@@ -21,9 +22,22 @@ from pathlib import Path
 
 import torch
 
-from ravit.cli import CLIError
-from ravit.cli._args import add_weight_arguments, parse_model_kwargs, resolve_device
-from ravit.errors import InvalidArgumentError, MissingFileError
+from ravit.cli._args import (
+    add_count_argument,
+    add_data_arguments,
+    add_device_argument,
+    add_list_argument,
+    add_model_arguments,
+    add_output_argument,
+    block_indices,
+    budget,
+    build_model,
+    model_input,
+    noise_std,
+    output_dir,
+    resolve_device,
+)
+from ravit.errors import InvalidArgumentError
 
 __all__ = ["register", "run"]
 
@@ -36,67 +50,72 @@ _DESCRIPTIONS = {
 }
 
 
-def _add_common(parser: argparse.ArgumentParser, num_images: int, dataset_level: bool) -> None:
-    parser.add_argument("model", metavar="MODEL", help="ravit / timm model name (e.g. fan_tiny_12_p16_224)")
-    add_weight_arguments(parser)
-    parser.add_argument("--dataset", default="fashion_mnist",
-                        help="'fashion_mnist' (or 'fashion-mnist'), or an image folder: <folder>/<class>/<image> or "
-                             "<folder>/<split>/<class>/<image>")
-    parser.add_argument("--data-dir", help="where the Fashion-MNIST files are (default: the Debian package's folder)")
-    parser.add_argument("--split", default="test", help="dataset split")
-    parser.add_argument("--num-images", type=int, default=num_images,
-                        help="images analysed (the first N of the split)" if dataset_level
-                        else "images shown (the first N of the split, unless --indices)")
+def _add_common(parser: argparse.ArgumentParser, limit: int, dataset_level: bool) -> None:
+    add_model_arguments(parser)
+    add_data_arguments(parser)
+    add_count_argument(parser, "--limit", limit, "images analysed: the first N of the split" if dataset_level
+                       else "images shown: the first N of the split, unless --indices")
     if not dataset_level:
-        parser.add_argument("--indices", type=int, nargs="+", help="indices of the images to show (instead)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=0, help="data loader workers")
-    parser.add_argument("--device", default="auto", help="'cpu', 'cuda', ... ('auto': cuda when available)")
-    parser.add_argument("--output", default=None, help="output folder (default: runs/analyze/<MODEL>)")
+        add_list_argument(parser, "--indices", int, "dataset indices of the images to show (instead of --limit)",
+                          metavar="INDEX")
+    add_count_argument(parser, "--batch-size", 32, "images per batch")
+    add_count_argument(parser, "--workers", 0, "data loader workers", least=0)
+    add_device_argument(parser)
+    add_output_argument(parser, "analyze")
     parser.add_argument("--seed", type=int, default=0, help="seeds model initialisation and noise")
 
 
+def _add_block_arguments(p: argparse.ArgumentParser, default: str) -> None:
+    add_list_argument(p, "--blocks", block_indices, f"block indices and ranges, e.g. 0,2 or 0-3 (default: {default})",
+                      metavar="BLOCK")
+
+
 def _add_spectra(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--blocks", type=int, nargs="+", help="block indices (default: all)")
-    p.add_argument("--layers", nargs="+", help="module names to hook instead of blocks.{i} (e.g. layer1 layer2)")
-    p.add_argument("--affinity", choices=["gaussian", "cosine"], default="gaussian")
+    _add_block_arguments(p, "all")
+    add_list_argument(p, "--layers", str, "module names to hook instead of blocks.{i} (e.g. layer1 layer2)",
+                      metavar="NAME")
+    p.add_argument("--affinity", choices=["gaussian", "cosine"], default="gaussian", help="token affinity kernel")
     p.add_argument("--bandwidth", type=float, default=0.1, help="Gaussian kernel bandwidth on unit-norm tokens")
     p.add_argument("--threshold", type=float, default=0.5, help="significant: eigenvalue >= threshold * largest")
 
 
 def _add_perturbation(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--blocks", type=int, nargs="+", help="block indices (default: all)")
-    p.add_argument("--layers", nargs="+", help="module names to hook instead of blocks.{i} (e.g. layer1 layer2)")
-    p.add_argument("--noise-std", type=float, nargs="+", default=[0.1, 0.5],
-                   help="std of the Gaussian noise in normalised input units (one curve each)")
+    _add_block_arguments(p, "all")
+    add_list_argument(p, "--layers", str, "module names to hook instead of blocks.{i} (e.g. layer1 layer2)",
+                      metavar="NAME")
+    add_list_argument(p, "--noise-std", noise_std, "std of the Gaussian noise in normalised input units (one curve "
+                      "each)", default=[0.1, 0.5], metavar="STD")
 
 
 def _add_clusters(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--blocks", type=int, nargs="+", help="block indices, one row each (default: 4 spread out)")
-    p.add_argument("--k", type=int, default=2, help="number of clusters")
-    p.add_argument("--affinity", choices=["gaussian", "cosine"], default="gaussian")
-    p.add_argument("--bandwidth", type=float, default=0.1)
+    _add_block_arguments(p, "4 spread out; one row each")
+    add_count_argument(p, "--k", 2, "number of clusters")
+    p.add_argument("--affinity", choices=["gaussian", "cosine"], default="gaussian", help="token affinity kernel")
+    p.add_argument("--bandwidth", type=float, default=0.1, help="Gaussian kernel bandwidth on unit-norm tokens")
 
 
 def _add_attention(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", choices=["auto", "cls", "tokens"], default="auto",
                    help="cls: class-token / class-attention maps (needs a class token); tokens: attention among "
                         "patches; auto: both where available")
-    p.add_argument("--block", type=int, default=-1, help="block index (default: the last)")
+    p.add_argument("--block", type=int, default=-1, help="block index (-1: the last)")
     p.add_argument("--query", type=int, help="tokens: show this query patch's row instead of the mean received")
 
 
 def _add_ats(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ats-blocks", type=int, nargs="+", help="blocks that sample (default: apply_ats's, 3..11)")
-    p.add_argument("--budget", help="tokens per ATS block: none, a count (an integer >= 1) or a ratio in (0, 1]")
-    p.add_argument("--sampler", default="inverse_transform", help="inverse_transform or topk")
-    p.add_argument("--mask-images", type=int, default=6, help="images shown in the kept-token masks figure")
+    add_list_argument(p, "--blocks", block_indices, "ATS blocks: indices and inclusive ranges, e.g. 1-3 (default: "
+                      "apply_ats's, 3-11)", metavar="BLOCK")
+    add_list_argument(p, "--budget", budget, "tokens per ATS block: none (all tokens, the released default), an int "
+                      "count of patch tokens or a ratio in (0, 1]; one value or one per block (default: none)",
+                      metavar="BUDGET")
+    p.add_argument("--sampler", default="inverse_transform", choices=["inverse_transform", "topk"],
+                   help="inverse_transform (the paper's) or topk (the ablation)")
+    add_count_argument(p, "--mask-images", 6, "images shown in the kept-token masks figure")
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "analyze", help="token grouping, attention maps and ATS masks (figures + JSON/CSV)", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     analyses = parser.add_subparsers(dest="analysis", metavar="ANALYSIS")
     analyses.required = True
@@ -107,100 +126,29 @@ def register(subparsers) -> None:
         "attention": (_add_attention, _run_attention, 6, False),
         "ats": (_add_ats, _run_ats, 256, True),
     }
-    for name, (add_arguments, func, num_images, dataset_level) in table.items():
-        sub = analyses.add_parser(
-            name, help=_DESCRIPTIONS[name], description=_DESCRIPTIONS[name],
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        )
-        _add_common(sub, num_images, dataset_level)
+    for name, (add_arguments, func, limit, dataset_level) in table.items():
+        sub = analyses.add_parser(name, help=_DESCRIPTIONS[name], description=_DESCRIPTIONS[name])
+        _add_common(sub, limit, dataset_level)
         add_arguments(sub)
         sub.set_defaults(func=run, run_analysis=func)
 
 
 def run(args) -> int:
-    _check_arguments(args)
-    return int(args.run_analysis(args) or 0)
-
-
-def _check_arguments(args) -> None:
-    """Counts, the device and the output path, before a model is built or an image read."""
-    from ravit.ats import parse_budget
-    from ravit.outputs import check_output_dir
-
-    counts = [("--num-images", args.num_images, 1), ("--batch-size", args.batch_size, 1),
-              ("--workers", args.workers, 0)]
-    counts += [(f"--{name.replace('_', '-')}", getattr(args, name), 1) for name in ("k", "mask_images")
-               if hasattr(args, name)]
-    for flag, value, least in counts:
-        if value < least:
-            raise InvalidArgumentError(f"{flag} must be at least {least}, got {value}")
-    for std in getattr(args, "noise_std", None) or []:
-        if not std >= 0 or std == float("inf"):
-            raise InvalidArgumentError(f"--noise-std must be finite and >= 0, got {std}")
-    if getattr(args, "budget", None) is not None:
-        try:
-            parse_budget(args.budget)  # its form here; its range against the model in apply_ats
-        except InvalidArgumentError as err:
-            raise InvalidArgumentError(f"--budget: {err}") from None
     resolve_device(args.device)
-    check_output_dir(_output_path(args))
+    output_dir(args, "analyze", args.model)  # checked before a model is built or an image read
+    return int(args.run_analysis(args) or 0)
 
 
 # --- model and data -----------------------------------------------------------------------------------------------
 def _load_model(args) -> torch.nn.Module:
-    import ravit
-
-    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
-        raise MissingFileError(f"checkpoint not found: {args.checkpoint}")
-    kwargs = parse_model_kwargs(args.model_kwargs)
-    torch.manual_seed(args.seed)  # random-weight models (no --pretrained / --checkpoint) are then reproducible
-    # An analysis of a checkpoint with a re-initialised classifier would describe random weights: no new head here.
-    model = ravit.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint,
-                               new_head=False, **kwargs)
-    return model.eval().to(resolve_device(args.device))
-
-
-def _input_spec(model: torch.nn.Module) -> tuple[tuple[int, int], int]:
-    """((H, W), channels) the images are brought to: the model's fixed or nominal size, its stem's channels."""
-    from timm.data import resolve_data_config
-
-    from ravit.analysis.features import expected_image_size, input_channels
-
-    cfg = resolve_data_config({}, model=model)
-    size = expected_image_size(model)
-    nominal = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if size is None and nominal is not None:
-        size = (nominal, nominal) if isinstance(nominal, int) else tuple(nominal)
-    if size is None:
-        size = tuple(cfg["input_size"][-2:])
-    return (int(size[0]), int(size[1])), input_channels(model) or int(cfg["input_size"][0])
+    # Seeded: random-weight models (no --pretrained / --checkpoint) are reproducible.
+    return build_model(args, seed=args.seed).to(resolve_device(args.device))
 
 
 def _dataset(args, model: torch.nn.Module):
-    from timm.data import resolve_data_config
-    from torchvision.datasets import ImageFolder
+    from ravit.data import open_data
 
-    from ravit.data import create_dataset, create_transform, dataset_info
-
-    size, chans = _input_spec(model)
-    name = args.dataset.replace("-", "_")
-    folder = Path(args.dataset)
-    if name != "fashion_mnist" and not folder.is_dir():
-        raise CLIError(f"--dataset {args.dataset!r} is neither 'fashion_mnist' nor an existing folder")
-    info = dataset_info("fashion_mnist" if name == "fashion_mnist" else "imagefolder")
-    stats = dict(mean=info.mean, std=info.std, crop_pct=info.crop_pct)  # what `ravit train` normalises with
-    if args.pretrained:  # shipped weights: the statistics they were trained with, from their pretrained config
-        cfg = resolve_data_config({}, model=model)
-        stats = dict(mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"])
-    transform = create_transform(size, chans, **stats)
-    if name == "fashion_mnist":
-        return create_dataset(name, args.split, args.data_dir, transform)
-    if (folder / args.split).is_dir():
-        return create_dataset("imagefolder", args.split, folder, transform)
-    try:
-        return ImageFolder(str(folder), transform=transform)
-    except FileNotFoundError as err:
-        raise InvalidArgumentError(f"image folder {folder} holds no <class>/<image> files: {err}") from None
+    return open_data(args.data, args.split, args.data_dir, model_input(model, args.data, args.pretrained).transform())
 
 
 def _subset(dataset, indices: list[int]):
@@ -213,14 +161,12 @@ def _subset(dataset, indices: list[int]):
 
 
 def _batches(args, model, desc: str):
-    """Batches of the first --num-images images on the device, with a progress bar."""
+    """Batches of the first --limit images on the device, with a progress bar."""
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    if args.num_images < 1:
-        raise InvalidArgumentError(f"--num-images must be >= 1, got {args.num_images}")
     dataset = _dataset(args, model)
-    subset = _subset(dataset, list(range(min(args.num_images, len(dataset)))))
+    subset = _subset(dataset, list(range(min(args.limit, len(dataset)))))
     loader = DataLoader(subset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
     device = next(model.parameters()).device
     for images, _ in tqdm(loader, desc=desc, unit="batch"):
@@ -230,20 +176,14 @@ def _batches(args, model, desc: str):
 def _images(args, model, count: int) -> tuple[torch.Tensor, list[int], list[int]]:
     """(images (B, C, H, W) on the device, their dataset indices, their labels): --indices, else the first count."""
     dataset = _dataset(args, model)
-    if count < 1:
-        raise InvalidArgumentError(f"the number of images shown must be >= 1, got {count}")
     indices = getattr(args, "indices", None) or list(range(min(count, len(dataset))))
     items = [_subset(dataset, indices)[i] for i in range(len(indices))]
     images = torch.stack([image for image, _ in items]).to(next(model.parameters()).device)
     return images, indices, [int(label) for _, label in items]
 
 
-def _output_path(args) -> Path:
-    return Path(args.output) if args.output else Path("runs/analyze") / args.model.replace("/", "_")
-
-
 def _output(args) -> Path:
-    path = _output_path(args)
+    path = output_dir(args, "analyze", args.model)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -251,7 +191,7 @@ def _output(args) -> Path:
 def _header(args, **extra) -> dict:
     return dict(
         analysis=args.analysis, model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
-        model_kwargs=parse_model_kwargs(args.model_kwargs), dataset=args.dataset, split=args.split, **extra,
+        model_kwargs=args.model_kwargs, data=args.data, split=args.split, **extra,
     )
 
 
@@ -349,7 +289,7 @@ def _run_clusters(args) -> int:
     )
 
     model = _load_model(args)
-    images, indices, labels = _images(args, model, args.num_images)
+    images, indices, labels = _images(args, model, args.limit)
     depth = len(block_names(model))
     blocks = args.blocks if args.blocks else sorted({round(i * (depth - 1) / 3) for i in range(4)})
     outputs = block_outputs(model, images, indices=blocks)
@@ -379,7 +319,7 @@ def _run_attention(args) -> int:
     from ravit.analysis import cls_attention, model_has_cls_token, plot_image_maps, token_attention, write_json
 
     model = _load_model(args)
-    images, indices, labels = _images(args, model, args.num_images)
+    images, indices, labels = _images(args, model, args.limit)
     from ravit.analysis import block_names
 
     maps: dict[str, torch.Tensor] = {}  # row label -> (B, heads, h, w)
@@ -425,14 +365,13 @@ def _run_ats(args) -> int:
         write_csv,
         write_json,
     )
-    from ravit.ats import parse_budget
 
     model = _load_model(args)
     kwargs = dict(sampler=args.sampler)
-    if args.ats_blocks:
-        kwargs["blocks"] = args.ats_blocks
+    if args.blocks:
+        kwargs["blocks"] = args.blocks
     if args.budget is not None:
-        kwargs["budget"] = parse_budget(args.budget)
+        kwargs["budget"] = args.budget[0] if len(args.budget) == 1 else args.budget
     ravit.apply_ats(model, **kwargs)
     stats = ats_statistics(model, _batches(args, model, "ats"))
     images, indices, labels = _images(args, model, args.mask_images)

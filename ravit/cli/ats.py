@@ -1,116 +1,61 @@
 """``ravit ats``: accuracy and cost of a model with and without Adaptive Token Sampling (Fayyaz et al., ECCV 2022).
 
-    ravit ats MODEL DATA [--checkpoint PATH] --blocks 3-11 --budget none|K|RATIO [...]
+    ravit ats MODEL [--data NAME_OR_FOLDER] [--checkpoint PATH | --pretrained] --blocks 3-11 --budget none|K|RATIO
 
 MODEL is any ravit / timm model name (``--model-kwargs`` for its arguments, ``--pretrained`` for shipped weights,
-``--checkpoint`` for a file). DATA is ``fashion-mnist`` or an image folder (``<folder>/<class>/<image>`` or
-``<folder>/<split>/<class>/<image>``); images are sized and normalised by the model's timm data config.
-Writes to ``--output``: ``ats.json`` (settings, accuracies, GMACs percentiles, kept-token statistics and histograms),
-``ats_images.csv`` (per image), ``ats_blocks.csv`` (per ATS block), ``ats_tokens.png`` (kept-token histograms),
-``ats_gmacs.png`` (per-image GMACs) and ``ats_masks.png`` (kept tokens of each block over sample images).
+``--checkpoint`` for a file). ``--data`` is ``fashion-mnist`` or an image folder (``<folder>/<class>/<image>`` or
+``<folder>/<split>/<class>/<image>``); images are sized and normalised as the model expects (``ravit.data.ModelInput``).
+Writes to ``--output`` (default ``runs/ats/<MODEL>``): ``ats.json`` (settings, accuracies, GMACs percentiles, kept-token
+statistics and histograms), ``ats_images.csv`` (per image), ``ats_blocks.csv`` (per ATS block), ``ats_tokens.png``
+(kept-token histograms), ``ats_gmacs.png`` (per-image GMACs) and ``ats_masks.png`` (kept tokens of each block over
+sample images).
 """
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
-from timm.data import resolve_data_config
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from ravit.cli import CLIError
-from ravit.cli._args import add_weight_arguments, parse_model_kwargs, resolve_device
-from ravit.errors import InvalidArgumentError, MissingFileError
+from ravit.cli._args import (
+    add_count_argument,
+    add_data_arguments,
+    add_device_argument,
+    add_list_argument,
+    add_model_arguments,
+    add_output_argument,
+    block_indices,
+    budget,
+    build_model,
+    model_input,
+    output_dir,
+    resolve_device,
+)
 
 __all__ = ["register", "run"]
 
 _PERCENTILES = (5, 25, 50, 75, 95)
 
 
-def _parse_blocks(items: list[str]) -> list[int]:
-    """``3 4 5``, ``3-11`` (inclusive) or a mix."""
-    blocks = []
-    for item in items:
-        first, sep, last = item.partition("-")
-        try:
-            blocks.extend(range(int(first), int(last) + 1) if sep else [int(item)])
-        except ValueError:
-            raise CLIError(f"--blocks expects block indices or ranges like 3-11, got {item!r}") from None
-    return blocks
-
-
-def _parse_budget(items: list[str]) -> int | float | None | list:
-    """``none`` | an int count | a ratio with a decimal point; one value, or one per ATS block."""
-    from ravit.ats import parse_budget
-
-    values = []
-    for item in items:
-        try:
-            values.append(parse_budget(item))
-        except InvalidArgumentError:
-            raise CLIError(
-                f"--budget expects 'none', an int token count >= 1 or a ratio in (0, 1] like 0.7, got {item!r}"
-            ) from None
-    return values[0] if len(values) == 1 else values
-
-
-def _check_arguments(args) -> None:
-    """Counts and paths, before a model is built or an image read."""
-    for flag, value, least in (("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
-                               ("--num-images", args.num_images, 1), ("--workers", args.workers, 0)):
-        if value is not None and value < least:
-            raise CLIError(f"{flag} must be at least {least}, got {value}")
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("ats", help="accuracy and GMACs with and without ATS, kept-token histograms and masks",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help="ravit / timm model name, e.g. deit_small_patch16_224")
-    p.add_argument("data", metavar="DATA", help="'fashion-mnist' or an image folder")
-    add_weight_arguments(p)
-    p.add_argument("--blocks", nargs="+", default=["3-11"], help="ATS blocks, e.g. 3-11 or 4 7 10 (default 3-11)")
-    p.add_argument("--budget", nargs="+", default=["none"],
-                   help="K per ATS block: none (all tokens, the released default), an int count of patch tokens, "
-                        "or a ratio in (0, 1]; one value or one per block")
-    p.add_argument("--sampler", default="inverse_transform", choices=["inverse_transform", "topk"])
-    p.add_argument("--split", default="test", help="dataset split (default test)")
-    p.add_argument("--data-dir", help="folder of the Fashion-MNIST files (default: the Debian package's)")
-    p.add_argument("--limit", type=int, help="use only the first N images")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="data loader workers")
-    p.add_argument("--num-images", type=int, default=8, help="sample images in ats_masks.png")
-    p.add_argument("--device", default="auto", help="'cpu', 'cuda', ... ('auto': cuda when available)")
-    p.add_argument("--output", help="output folder (default runs/ats/<MODEL>)")
+                              description=__doc__)
+    add_model_arguments(p)
+    add_data_arguments(p)
+    add_list_argument(p, "--blocks", block_indices, "ATS blocks: indices and inclusive ranges, e.g. 3-11 or 4,7,10 "
+                      "(default: 3-11)", default=list(range(3, 12)), metavar="BLOCK")
+    add_list_argument(p, "--budget", budget, "tokens per ATS block: none (all tokens, the released default), an int "
+                      "count of patch tokens or a ratio in (0, 1]; one value or one per block (default: none)",
+                      default=[None], metavar="BUDGET")
+    p.add_argument("--sampler", default="inverse_transform", choices=["inverse_transform", "topk"],
+                   help="inverse_transform (the paper's) or topk (the ablation)")
+    add_count_argument(p, "--limit", None, "use only the first N images")
+    add_count_argument(p, "--batch-size", 64, "images per batch")
+    add_count_argument(p, "--workers", 0, "data loader workers", least=0)
+    add_count_argument(p, "--mask-images", 8, "sample images shown in ats_masks.png")
+    add_device_argument(p)
+    add_output_argument(p, "ats")
     p.set_defaults(func=run)
-
-
-def _dataset(args, model: torch.nn.Module):
-    from ravit.data import create_dataset, create_transform
-
-    cfg = resolve_data_config(model=model)
-    in_chans, height, width = cfg["input_size"]
-    embed = model.patch_embed  # the model's own size and channels win over its pretrained config's (img_size=28 ...)
-    if getattr(embed, "img_size", None) is not None and not getattr(embed, "dynamic_img_size", False):
-        in_chans, (height, width) = embed.proj.in_channels, embed.img_size
-    transform = create_transform(
-        (height, width), in_chans, cfg["mean"], cfg["std"], crop_pct=cfg["crop_pct"],
-        interpolation=cfg["interpolation"],
-    )
-    if args.data.lower() in ("fashion-mnist", "fashion_mnist", "fmnist"):
-        return create_dataset("fashion_mnist", args.split, args.data_dir, transform)
-    folder = Path(args.data)
-    if not folder.is_dir():
-        raise MissingFileError(f"DATA must be 'fashion-mnist' or an image folder; {folder} is not a directory")
-    if (folder / args.split).is_dir():
-        return create_dataset("imagefolder", args.split, folder, transform)
-    from torchvision.datasets import ImageFolder
-
-    try:
-        return ImageFolder(str(folder), transform=transform)
-    except FileNotFoundError as err:
-        raise InvalidArgumentError(f"image folder {folder} has no <class>/<image> files: {err}") from None
 
 
 def _summary(values: torch.Tensor) -> dict:
@@ -122,25 +67,23 @@ def _summary(values: torch.Tensor) -> dict:
 
 
 def run(args) -> int:
-    import ravit
     from ravit.analysis.ats_masks import kept_token_histogram, kept_token_masks
     from ravit.analysis.plots import plot_histogram, plot_image_maps, plot_token_histogram
     from ravit.analysis.results import write_csv, write_json
     from ravit.ats import apply_ats, remove_ats, trace
     from ravit.bench.flops import count_gmacs
-    from ravit.outputs import check_output_dir
+    from ravit.data import open_data
 
-    blocks, budget = _parse_blocks(args.blocks), _parse_budget(args.budget)
-    _check_arguments(args)
+    blocks, per_block = args.blocks, args.budget[0] if len(args.budget) == 1 else args.budget
     device = resolve_device(args.device)
-    out = check_output_dir(args.output or Path("runs/ats") / args.model)
-    model = ravit.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint,
-                               new_head=False, **parse_model_kwargs(args.model_kwargs)).eval().to(device)
-    apply_ats(model, blocks=blocks, budget=budget, sampler=args.sampler)  # validates before any data is read
+    out = output_dir(args, "ats", args.model)
+    model = build_model(args).to(device)
+    apply_ats(model, blocks=blocks, budget=per_block, sampler=args.sampler)  # validates before any data is read
     config = dict(blocks=list(model.ats_config.blocks), budgets=list(model.ats_config.budgets), sampler=args.sampler)
     remove_ats(model)
 
-    dataset = _dataset(args, model)
+    transform = model_input(model, args.data, args.pretrained).transform()
+    dataset = open_data(args.data, args.split, args.data_dir, transform)
     if args.limit is not None:
         dataset = Subset(dataset, range(min(args.limit, len(dataset))))
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
@@ -153,14 +96,14 @@ def run(args) -> int:
         for images, targets in tqdm(loader, desc=f"ats {args.model}", unit="batch"):
             images = images.to(device)
             dense_pred.append(model(images).argmax(-1).cpu())
-            apply_ats(model, blocks=blocks, budget=budget, sampler=args.sampler)
+            apply_ats(model, blocks=blocks, budget=per_block, sampler=args.sampler)
             result = trace(model, images)
             remove_ats(model)
             ats_pred.append(result.logits.argmax(-1).cpu())
             labels.append(torch.as_tensor(targets))
             kept.append(result.kept_tokens)
             gmacs.append(result.gmacs)
-            need = args.num_images - sum(len(x) for x in shown_images)
+            need = args.mask_images - sum(len(x) for x in shown_images)
             if need > 0:
                 shown_images.append(images[:need].cpu())
                 shown_indices.append([idx[:need] for idx in result.kept_indices])
@@ -203,7 +146,7 @@ def run(args) -> int:
     ]
 
     print(f"{args.model} on {args.data} ({args.split}, {len(labels)} images), ATS blocks {config['blocks']}, "
-          f"budget {budget}, sampler {args.sampler}")
+          f"budget {per_block}, sampler {args.sampler}")
     print(f"  accuracy: dense {100 * acc_dense:.2f}%  ATS {100 * acc_ats:.2f}%")
     print(f"  GMACs/image: dense {dense_gmacs:.4f}  ATS mean {record['gmacs']['ats']['mean']:.4f} "
           f"(p5 {record['gmacs']['ats']['p5']:.4f}, p95 {record['gmacs']['ats']['p95']:.4f}), "

@@ -1,9 +1,10 @@
 """``ravit eval``: clean top-1 / top-5 accuracy of a model on a dataset split, overall and per class.
 
-The model is a zoo name (``ravit eval fmnist_deit_p4 --pretrained``), any ravit / timm name with kwargs and a
-``--checkpoint``, or just ``--checkpoint runs/x/last.pth`` from ``ravit train`` (its config rebuilds the model).
-Images go through the eval transform of ``ravit train`` (dataset statistics, the model's channels).
-Writes ``<output>/eval.json``, ``per_class.csv`` and ``per_class.png`` when ``--output`` is given.
+The model is a zoo name (``ravit eval fmnist_deit_p4 --pretrained``), any ravit / timm name with ``--model-kwargs`` and
+a ``--checkpoint``, or just ``--checkpoint runs/x/last.pth`` from ``ravit train`` (its config rebuilds the model and
+names its data). Images are brought to the model as ``ravit.data.ModelInput`` says (for weights ``ravit train`` made:
+its eval transform, with the dataset's statistics). Writes ``eval.json``, ``per_class.csv`` and ``per_class.png`` to
+``--output`` (default ``runs/eval/<MODEL>``).
 
 Every number is the named weights' own: a model without weights, a classifier that would be re-initialised or
 resized, ``--use-ema`` on a file without EMA weights and a model whose class count differs from the dataset's are
@@ -12,148 +13,139 @@ errors, not a score.
 
 from __future__ import annotations
 
-import argparse
 import csv
+import io
 import json
-import os
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
-from ravit.cli import CLIError
-from ravit.cli._args import parse_model_kwargs, resolve_device
-from ravit.errors import DataError, MissingFileError
+from ravit.cli._args import (
+    add_count_argument,
+    add_data_arguments,
+    add_device_argument,
+    add_model_arguments,
+    add_output_argument,
+    model_input,
+    output_dir,
+    resolve_device,
+)
+from ravit.errors import DataError, InvalidArgumentError
 
 __all__ = ["register", "run"]
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "eval",
-        help="clean accuracy of a model on a dataset split",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("model", nargs="?", help="ravit / timm / zoo model name (default: from a training checkpoint)")
-    parser.add_argument("--pretrained", action="store_true", help="load the shipped weights (zoo models)")
-    parser.add_argument("--checkpoint", help="weights to load: .safetensors, .pth, or a ravit train checkpoint")
+    parser = subparsers.add_parser("eval", help="clean accuracy of a model on a dataset split", description=__doc__)
+    add_model_arguments(parser, optional=True, model_help="ravit / timm / zoo model name (default: the model of a "
+                                                          "ravit train --checkpoint)")
     parser.add_argument("--use-ema", action="store_true", help="load the EMA weights of a training checkpoint")
-    parser.add_argument(
-        "--model-kwargs",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model arguments, e.g. img_size=28 in_chans=1 num_classes=10 embed_dim=64",
-    )
-    parser.add_argument(
-        "--dataset", help="registered dataset: fashion_mnist (default, or the training run's) / imagefolder"
-    )
-    parser.add_argument("--data-dir", help="dataset folder (Fashion-MNIST: default the Debian package's)")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--img-size", type=int, help="input size (default: the model's, else the dataset's)")
-    parser.add_argument("--limit", type=int, help="evaluate the first N images only")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:N' ('auto': cuda when available)")
-    parser.add_argument("--output", help="folder for eval.json, per_class.csv and per_class.png")
+    add_data_arguments(parser, default=None, data_help="a dataset name (fashion-mnist) or an image folder: "
+                       "<folder>/<class>/<image>, or <folder>/<split>/<class>/<image> (default: the training run's "
+                       "data, else fashion-mnist)")
+    add_count_argument(parser, "--img-size", None, "input size (default: the model's, else the dataset's)")
+    add_count_argument(parser, "--limit", None, "evaluate the first N images only")
+    add_count_argument(parser, "--batch-size", 256, "images per batch")
+    add_count_argument(parser, "--workers", 0, "data loader workers", least=0)
+    add_device_argument(parser)
+    add_output_argument(parser, "eval")
     parser.set_defaults(func=run)
 
 
 def _check_args(args) -> None:
     """Every flag that can be checked before loading anything."""
-    for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--img-size", args.img_size)):
-        if value is not None and value < 1:
-            raise CLIError(f"{flag} must be >= 1, got {value}")
     if args.use_ema and not args.checkpoint:
-        raise CLIError("--use-ema picks the EMA weights of a --checkpoint; pass one (or drop --use-ema)")
+        raise InvalidArgumentError("--use-ema picks the EMA weights of a --checkpoint; pass one (or drop --use-ema)")
     if args.model is not None and not (args.pretrained or args.checkpoint):
-        raise CLIError(f"{args.model!r} has no weights to evaluate: pass --pretrained (zoo models) or --checkpoint")
+        raise InvalidArgumentError(f"{args.model!r} has no weights to evaluate: pass --pretrained (zoo models) or "
+                                   "--checkpoint")
+    if args.model is None and (args.checkpoint is None or Path(args.checkpoint).suffix == ".safetensors"):
+        raise InvalidArgumentError("name a MODEL, or pass --checkpoint with a ravit train checkpoint (last.pth / "
+                                   "best.pth)")
 
 
-def _build(args):
-    """(model, name, the training run's dataset or None, the input size it was built for or None)."""
+def _from_training_run(args):
+    """(model, name, data, data_dir, the dataset it was trained on, the input size it was built for) from the config
+    in a ``ravit train`` checkpoint; ``--data`` / ``--data-dir`` given on the command line win."""
     import ravit
+    from ravit.data import dataset_info
     from ravit.train.checkpoint import load_training_checkpoint
     from ravit.train.config import TrainConfig
     from ravit.train.export import zoo_model_kwargs
 
-    kwargs = parse_model_kwargs(args.model_kwargs)
-    ckpt_path = Path(args.checkpoint) if args.checkpoint else None
-    if ckpt_path is not None and not ckpt_path.is_file():
-        raise MissingFileError(f"checkpoint not found: {ckpt_path}")
-    if args.model is None:
-        if ckpt_path is None or ckpt_path.suffix == ".safetensors":
-            raise CLIError("name a MODEL, or pass --checkpoint with a ravit train checkpoint (last.pth / best.pth)")
-        cfg = TrainConfig(**load_training_checkpoint(ckpt_path)["config"])
-        model = ravit.create_model(cfg.model, **{**zoo_model_kwargs(cfg), **kwargs})
-        ravit.load_checkpoint(model, ckpt_path, use_ema=args.use_ema, new_head=False)
-        return model, cfg.model, cfg.dataset, {**zoo_model_kwargs(cfg), **kwargs}["img_size"]
-    model = ravit.create_model(args.model, pretrained=args.pretrained, **kwargs)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    trained_classes = cfg.get("num_classes")
-    if args.pretrained and ckpt_path is None and kwargs.get("num_classes", trained_classes) != trained_classes:
-        raise CLIError(f"num_classes={kwargs['num_classes']} gives {args.model!r} a new, untrained classifier (its "
-                       f"weights have {trained_classes} classes): drop num_classes to evaluate them")
-    if ckpt_path is not None:
-        ravit.load_checkpoint(model, ckpt_path, use_ema=args.use_ema, new_head=False)
-    img_size = kwargs.get("img_size") or (cfg["input_size"][-1] if cfg.get("fixed_input_size") else None)
-    return model, args.model, None, img_size
+    cfg = TrainConfig(**load_training_checkpoint(args.checkpoint)["config"])
+    kwargs = {**zoo_model_kwargs(cfg), **args.model_kwargs}
+    model = ravit.create_model(cfg.model, **kwargs)
+    ravit.load_checkpoint(model, args.checkpoint, use_ema=args.use_ema, new_head=False)
+    trained_data = cfg.data_dir if cfg.dataset == "imagefolder" else cfg.dataset.replace("_", "-")
+    data_dir = args.data_dir or (None if cfg.dataset == "imagefolder" else cfg.data_dir)
+    return model, cfg.model, args.data or trained_data, data_dir, dataset_info(cfg.dataset), kwargs["img_size"]
 
 
-def _in_chans(model, default: int) -> int:
-    """Input channels of the model's first conv (named by its pretrained config, timm's convention)."""
-    first_conv = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
-    try:
-        return model.get_submodule(first_conv).in_channels
-    except (AttributeError, TypeError):
-        return default
+def _from_name(args):
+    """The named MODEL with its --pretrained weights and --checkpoint; its classifier is never re-initialised."""
+    import ravit
+
+    model = ravit.create_model(args.model, pretrained=args.pretrained, **args.model_kwargs)
+    trained_classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
+    asked_classes = args.model_kwargs.get("num_classes", trained_classes)
+    if args.pretrained and args.checkpoint is None and asked_classes != trained_classes:
+        raise InvalidArgumentError(f"num_classes={args.model_kwargs['num_classes']} gives {args.model!r} a new, "
+                                   f"untrained classifier (its weights have {trained_classes} classes): drop "
+                                   "num_classes to evaluate them")
+    if args.checkpoint is not None:
+        ravit.load_checkpoint(model, args.checkpoint, use_ema=args.use_ema, new_head=False)
+    return model
 
 
-def _plot(per_class: list[dict], title: str, path: Path) -> None:
+def _plot(per_class: list[dict], title: str, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from ravit.outputs import write_bytes
 
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(per_class)), 4))
     ax.bar(range(len(per_class)), [row["top1"] for row in per_class])
     ax.set_xticks(range(len(per_class)), [row["class"] for row in per_class], rotation=45, ha="right")
     ax.set(title=title, xlabel="class", ylabel="top-1 accuracy (%)", ylim=(0, 100))
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    return write_bytes(path, buffer.getvalue())
 
 
 def run(args) -> int:
     from tqdm import tqdm
 
-    from ravit.data import create_dataset, create_transform, dataset_info
-    from ravit.outputs import check_output_dir
+    from ravit.data import ModelInput, data_name, open_data
+    from ravit.outputs import write_json, write_text
 
     _check_args(args)
     device = resolve_device(args.device)
-    if args.output:
-        check_output_dir(args.output, "output folder")
-    model, name, trained_on, built_size = _build(args)
-    dataset = args.dataset or trained_on or "fashion_mnist"
-    info = dataset_info(dataset)
-    in_chans = _in_chans(model, info.in_chans)
-    img_size = args.img_size or built_size or info.img_size
-    if img_size is None:
-        raise CLIError(f"dataset {dataset!r} has no native size: pass --img-size")
-    tf = create_transform(img_size, in_chans, info.mean, info.std, is_training=False, crop_pct=info.crop_pct)
-    ds = create_dataset(dataset, args.split, args.data_dir, tf)
-    classes = list(ds.classes)
+    if args.model is not None:
+        out = output_dir(args, "eval", args.model)  # checked before anything is loaded
+        model, name = _from_name(args), args.model
+        data, data_dir = args.data or "fashion-mnist", args.data_dir
+        spec = model_input(model, data, args.pretrained, args.img_size)
+    else:
+        model, name, data, data_dir, trained_on, built_size = _from_training_run(args)
+        out = output_dir(args, "eval", name)
+        spec = ModelInput.from_model(model, img_size=args.img_size or built_size, trained_on=trained_on)
+    dataset = open_data(data, args.split, data_dir, spec.transform())
+    where = data_name(data) or data
+    classes = list(dataset.classes)
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and num_classes != len(classes):
-        raise DataError(f"{name} predicts {num_classes} classes but {dataset!r} {args.split!r} has {len(classes)}: "
+        raise DataError(f"{name} predicts {num_classes} classes but {where!r} {args.split!r} has {len(classes)}: "
                         "evaluate it on a dataset with its classes (or a checkpoint trained on this one)")
-    count = min(args.limit, len(ds)) if args.limit else len(ds)
+    count = min(args.limit, len(dataset)) if args.limit else len(dataset)
     if count == 0:
-        raise DataError(f"{dataset!r} {args.split!r} holds no images")
-    loader = DataLoader(ds, batch_size=args.batch_size, sampler=list(range(count)))
+        raise DataError(f"{where!r} {args.split!r} holds no images")
+    loader = DataLoader(Subset(dataset, range(count)), batch_size=args.batch_size, num_workers=args.workers)
 
     model.eval().to(device)
     correct = torch.zeros(len(classes), dtype=torch.long)
@@ -172,7 +164,7 @@ def run(args) -> int:
     ]
     result = {
         "model": name,
-        "dataset": dataset,
+        "data": data,
         "split": args.split,
         "count": count,
         "top1": 100 * float(correct.sum()) / count,
@@ -183,16 +175,14 @@ def run(args) -> int:
         "per_class": per_class,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "per_class"}))
-    if args.output:
-        out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "eval.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, out / "eval.json")
-        with open(out / "per_class.csv.tmp", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["class", "count", "top1"])
-            writer.writeheader()
-            writer.writerows(per_class)
-        os.replace(out / "per_class.csv.tmp", out / "per_class.csv")
-        _plot(per_class, f"{name} on {dataset} {args.split} (top-1 {result['top1']:.2f}%)", out / "per_class.png")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["class", "count", "top1"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(per_class)
+    paths = [
+        write_json(out / "eval.json", result),
+        write_text(out / "per_class.csv", table.getvalue()),
+        _plot(per_class, f"{name} on {data} {args.split} (top-1 {result['top1']:.2f}%)", out / "per_class.png"),
+    ]
+    print("wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -1,17 +1,31 @@
 """``ravit robustness MODEL --data ...``: corruption robustness (on the fly or ImageNet-C), ImageNet-A/R/Sketch.
 
-Writes ``robustness.json``, ``robustness.csv`` and plots under ``--out``. Under ``torchrun`` every rank scores a
-shard (gloo on CPU, NCCL on GPUs) and rank 0 writes.
+Accuracy per corruption x severity, mean corruption accuracy (15 and 19), mCE and relative mCE (normalised by
+``--mce-baseline``), retention; or top-1 on ImageNet-A/R (200-class masks) and Sketch. Class folders are matched to
+the model's classes by name. Writes ``robustness.json``, ``robustness.csv`` and plots under ``--output`` (default
+``runs/robustness/<MODEL>``). Under ``torchrun`` every rank scores a shard (gloo on CPU, NCCL on GPUs) and rank 0
+writes.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 
-from ravit.cli.corrupt import check_positive, parse_severities
-from ravit.errors import InvalidArgumentError, MissingFileError
-from ravit.outputs import check_output_dir
+from ravit.cli._args import (
+    add_count_argument,
+    add_data_arguments,
+    add_device_argument,
+    add_list_argument,
+    add_model_arguments,
+    add_output_argument,
+    build_model,
+    corruption,
+    model_input,
+    output_dir,
+    resolve_device,
+    severity,
+)
+from ravit.errors import InvalidArgumentError
 
 BENCHMARKS = ("corrupt", "imagenet-c", "imagenet-a", "imagenet-r", "sketch", "folder")
 
@@ -20,36 +34,26 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "robustness",
         help="evaluate a model under corruptions (on the fly or ImageNet-C), ImageNet-A/R/Sketch",
-        description="Accuracy per corruption x severity, mean corruption accuracy (15 and 19), mCE and relative "
-        "mCE (normalised by --mce-baseline), retention; or top-1 on ImageNet-A/R (200-class masks) and Sketch. "
-        "Class folders are matched to the model's classes by name.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__,
     )
-    p.add_argument("model", help="model name (ravit or timm)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint file loaded through ravit's loader")
-    p.add_argument("--pretrained", action="store_true", help="load the model's pretrained weights (zoo models)")
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--in-chans", type=int, default=None)
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--data", required=True,
-                   help="'fashion-mnist' or an ImageFolder (corrupt, folder, imagenet-a/-r, sketch), or the "
-                   "ImageNet-C root (imagenet-c)")
+    add_model_arguments(p)
+    add_data_arguments(p, data_help="'fashion-mnist' or an image folder (corrupt, folder, imagenet-a/-r, sketch), or "
+                                    "the ImageNet-C root <data>/<corruption>/<severity>/ (imagenet-c)")
     p.add_argument("--benchmark", choices=BENCHMARKS, default="corrupt",
                    help="corrupt: corrupt --data on the fly; imagenet-c: read <data>/<corruption>/<severity>/")
-    p.add_argument("--clean", default=None, help="clean ImageFolder for imagenet-c (clean accuracy, retention)")
-    p.add_argument("--corruptions", default="all", help="names or groups: all, benchmark, extra, noise, ...")
-    p.add_argument("--severities", default="1,2,3,4,5")
-    p.add_argument("--split", default="test", help="Fashion-MNIST split")
-    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
-    p.add_argument("--limit", type=int, default=None, help="only the first N images of each set")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="'auto' (default: cuda if available, else cpu), 'cpu', 'cuda:N'")
+    p.add_argument("--clean", metavar="FOLDER", help="clean image folder for imagenet-c (clean accuracy, retention)")
+    add_list_argument(p, "--corruptions", corruption, "names or groups: all, benchmark (15), extra (4), noise, blur, "
+                      "weather, digital", default=["all"], metavar="NAME")
+    add_list_argument(p, "--severities", severity, "severities in 1..5", default=[1, 2, 3, 4, 5], metavar="S")
+    add_count_argument(p, "--limit", None, "only the first N images of each set")
+    add_count_argument(p, "--batch-size", 64, "images per batch")
+    add_count_argument(p, "--workers", 0, "data loader workers", least=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the corruptions (and random weights)")
+    add_device_argument(p)
     p.add_argument("--mce-baseline", default="alexnet",
                    help="errors an mCE divides by: 'alexnet' (AlexNet's ImageNet-C table, averaged over severities "
                    "1-5) or another model's robustness.json (per severity)")
-    p.add_argument("--out", default="robustness-results")
+    add_output_argument(p, "robustness")
     p.set_defaults(func=run)
 
 
@@ -67,60 +71,37 @@ def _init_distributed(device: str) -> tuple[bool, str]:
     return True, device
 
 
-def _create_model(args):
-    kwargs = {k: v for k, v in (("num_classes", args.num_classes), ("in_chans", args.in_chans),
-                                ("img_size", args.img_size)) if v is not None}
-    from ravit import create_model
-
-    # Scoring a checkpoint with a re-initialised classifier would report chance accuracy: never allow a new head here.
-    return create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint, new_head=False,
-                        **kwargs)
-
-
 def run(args) -> int:
-    import torch
     import torch.distributed as dist
 
-    from ravit.cli._args import resolve_device
+    from ravit.data import data_name
     from ravit.robustness import resolve_corruptions
-    from ravit.robustness.evaluate import (
-        ModelInput,
-        evaluate_corruptions,
-        evaluate_folder,
-        evaluate_imagenet_c,
-        image_dataset,
-    )
+    from ravit.robustness.evaluate import evaluate_corruptions, evaluate_folder, evaluate_imagenet_c, image_dataset
     from ravit.robustness.metrics import resolve_baseline
 
     names = resolve_corruptions(args.corruptions)
-    sevs = parse_severities(args.severities)
-    check_positive(batch_size=args.batch_size, limit=args.limit)
-    if args.workers < 0:
-        raise InvalidArgumentError(f"--workers must be 0 or more, got {args.workers}")
-    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-        raise MissingFileError(f"checkpoint not found: {args.checkpoint}")
-    if args.benchmark == "corrupt" and args.data != "fashion-mnist" and not os.path.isdir(args.data):
-        raise MissingFileError(f"dataset folder not found: {args.data}")
+    if args.benchmark != "corrupt" and data_name(args.data) is not None:
+        raise InvalidArgumentError(f"--benchmark {args.benchmark} reads a folder; --data {args.data} is a dataset name")
     device = str(resolve_device(args.device))
-    check_output_dir(args.out, "--out")
+    out = output_dir(args, "robustness", args.model)
     baseline = resolve_baseline(args.mce_baseline)
     distributed, device = _init_distributed(device)
     try:
-        torch.manual_seed(args.seed)  # every rank builds the same weights when none are loaded
-        model = _create_model(args)
+        model = build_model(args, seed=args.seed)  # seeded: every rank builds the same weights when none are loaded
+        spec = model_input(model, args.data, args.pretrained)
         common = dict(name=args.model, batch_size=args.batch_size, limit=args.limit, device=device,
-                      workers=args.workers)
+                      workers=args.workers, spec=spec)
         if args.benchmark == "corrupt":
-            dataset = image_dataset(args.data, ModelInput.from_model(model), args.split, args.data_dir)
-            result = evaluate_corruptions(model, dataset, names, sevs, seed=args.seed, **common)
+            dataset = image_dataset(args.data, spec, args.split, args.data_dir)
+            result = evaluate_corruptions(model, dataset, names, args.severities, seed=args.seed, **common)
         elif args.benchmark == "imagenet-c":
-            result = evaluate_imagenet_c(model, args.data, names, sevs, clean_root=args.clean, **common)
+            result = evaluate_imagenet_c(model, args.data, names, args.severities, clean_root=args.clean, **common)
         else:
             result = evaluate_folder(model, args.data, args.benchmark, **common)
         result.meta["data"] = args.data
         result.baseline = baseline
         if not distributed or dist.get_rank() == 0:
-            paths = result.save(args.out)
+            paths = result.save(out)
             _print_summary(result)
             print("wrote " + ", ".join(str(p) for p in paths))
     finally:

@@ -6,6 +6,10 @@ label)`` with a ``classes`` attribute (class names in label order: compare two s
 native channels and size, normalisation statistics). New datasets register with ``@register_dataset(name, info)``.
 ImageFolder images are read by ``ravit.data.images.load_rgb``: 16-bit images scaled, not clipped, and an unreadable
 file raises a DataError naming it.
+
+``open_data(data, split, data_dir, transform)`` is what the command line's ``--data NAME_OR_FOLDER`` means: a
+registered name (``fashion-mnist``; ``-`` and ``_`` are the same) or an image folder, ``<folder>/<class>/<image>`` or
+``<folder>/<split>/<class>/<image>``.
 """
 
 from __future__ import annotations
@@ -28,9 +32,13 @@ from ravit.errors import InvalidArgumentError, MissingFileError
 __all__ = [
     "DatasetInfo",
     "FashionMNIST",
+    "check_data",
     "create_dataset",
+    "data_name",
+    "data_names",
     "dataset_info",
     "list_datasets",
+    "open_data",
     "register_dataset",
 ]
 
@@ -89,7 +97,11 @@ def create_dataset(
 
 
 class FashionMNIST(Dataset):
-    """Fashion-MNIST held in memory as uint8 (60k/10k images of 28x28); items are ``(transform(PIL 'L'), label)``."""
+    """Fashion-MNIST held in memory as uint8 (60k/10k images of 28x28); items are ``(transform(PIL 'L'), label)``.
+
+    The one Fashion-MNIST dataset: training and evaluation pass timm's pipelines as ``transform``
+    (``ModelInput.transform()``), robustness evaluation a [0, 1] tensor view at the model's size
+    (``ModelInput.unit_transform()``)."""
 
     classes = CLASSES
 
@@ -152,3 +164,47 @@ def _imagefolder(split, data_dir, transform):
         return ImageFolder(str(root), transform=transform, loader=load_rgb)
     except FileNotFoundError as err:  # torchvision's message for no class folders / no images
         raise InvalidArgumentError(f"ImageFolder {root} is empty: {err}") from None
+
+
+def data_name(data: str | os.PathLike) -> str | None:
+    """The registered dataset ``data`` names (``'fashion-mnist'`` and ``'fashion_mnist'`` are both
+    ``'fashion_mnist'``), or None when it names none (then it is a folder). 'imagefolder' needs a folder: no name."""
+    key = str(data).strip().lower().replace("-", "_")
+    return key if key in _REGISTRY and key != "imagefolder" else None
+
+
+def data_names() -> list[str]:
+    """The names ``--data`` takes, as written on a command line (``fashion-mnist``)."""
+    return [name.replace("_", "-") for name in list_datasets() if name != "imagefolder"]
+
+
+def check_data(data: str | os.PathLike) -> str:
+    """``data`` as ``--data`` reads it: a dataset name in its command-line spelling (``fashion_mnist`` ->
+    ``fashion-mnist``) or an existing folder, unchanged; anything else is a user error listing the names."""
+    name = data_name(data)
+    if name is not None:
+        return name.replace("_", "-")
+    if Path(data).is_dir():
+        return str(data)
+    known = ", ".join(data_names())
+    if os.sep in str(data) or Path(data).exists():
+        raise MissingFileError(f"data folder not found: {data} (or a dataset name: {known})")
+    raise InvalidArgumentError(f"unknown data {str(data)!r}: neither a dataset name ({known}) nor a folder")
+
+
+def open_data(
+    data: str | os.PathLike, split: str = "test", data_dir: str | os.PathLike | None = None,
+    transform: Callable | None = None,
+) -> Dataset:
+    """``--data``: a registered dataset's ``split`` (``data_dir``: where its files are), or an image folder: its
+    ``<split>`` subfolder when there is one (``<folder>/<split>/<class>/<image>``), else the folder itself
+    (``<folder>/<class>/<image>``). Items are ``(transform(PIL image), label)``; ``classes`` names the labels."""
+    name = data_name(data)
+    if name is not None:
+        return create_dataset(name, split, data_dir, transform)
+    folder = Path(check_data(data))
+    root = folder / split if (folder / split).is_dir() else folder
+    try:
+        return ImageFolder(str(root), transform=transform, loader=load_rgb)
+    except FileNotFoundError as err:  # torchvision's message for no class folders / no images
+        raise MissingFileError(f"no images in {root} (expected <folder>/<class>/<image>): {err}") from None

@@ -2,10 +2,11 @@
 ImageNet-A / -R (200-class logit masks) and ImageNet-Sketch.
 
 Protocol (FAN ``validate_ood.py``; Hendrycks & Dietterich, ICLR 2019): images are resized and centre-cropped to
-the model's input size (its timm data config), corrupted in [0, 1] pixel space, then normalised with the model's
-mean / std. Under ``torchrun`` each rank scores a disjoint shard and the correct / total counts are summed once at
-the end; only rank 0 should write results. On-the-fly corruptions are seeded per image (seed, dataset index,
-corruption, severity), so counts do not depend on the batch size or the number of ranks.
+the model's input size (``ravit.data.ModelInput``: its timm data config, the model as built), corrupted in [0, 1]
+pixel space, then normalised with the model's mean / std. Under ``torchrun`` each rank scores a disjoint shard and
+the correct / total counts are summed once at the end; only rank 0 should write results. On-the-fly corruptions are
+seeded per image (seed, dataset index, corruption, severity), so counts do not depend on the batch size or the
+number of ranks.
 
 Class folders are mapped to the model's classes by name (``ravit.data.classes``: the model's ``label_names`` or
 ImageNet wnids, and the class map ``ravit corrupt`` writes), never by alphabetical position; ImageNet-A/-R keep
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,15 +24,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
 from ravit.data.classes import label_map, read_class_map
+from ravit.data.datasets import check_data, create_dataset, data_name
 from ravit.data.images import load_rgb
+from ravit.data.model_input import ModelInput
 from ravit.errors import InvalidArgumentError, MissingFileError
+from ravit.outputs import write_bytes, write_json
 from ravit.robustness.benchmarks import check_classes, class_mask, imagenet_c_folder, list_classes
 from ravit.robustness.metrics import Baseline, summarize
 from ravit.robustness.registry import (
@@ -51,69 +53,7 @@ __all__ = [
     "evaluate_corruptions",
     "evaluate_imagenet_c",
     "evaluate_folder",
-    "write_atomic",
 ]
-
-
-@dataclass(frozen=True)
-class ModelInput:
-    """What the model expects: input size, channels, normalisation and the resize before the centre crop."""
-
-    size: tuple[int, int]
-    in_chans: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    crop_pct: float = 1.0
-    interpolation: str = "bicubic"
-
-    @classmethod
-    def from_model(cls, model: nn.Module) -> ModelInput:
-        from timm.data import resolve_data_config
-
-        # The pretrained config can disagree with the model actually built (img_size / in_chans overrides), so
-        # channels come from the first convolution and the size from the patch embedding when there is one.
-        cfg = resolve_data_config({}, model=model)
-        c, h, w = cfg["input_size"]
-        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-        c = conv.in_channels if conv is not None else c
-        size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        h, w = (size, size) if isinstance(size, int) else tuple(size) if size is not None else (h, w)
-        mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
-        if len(mean) != c:
-            mean, std = (sum(mean) / len(mean),) * c, (sum(std) / len(std),) * c
-        return cls((h, w), c, mean, std, cfg.get("crop_pct", 1.0), cfg["interpolation"])
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """[0, 1] images (B, 1 or 3, H, W) -> normalised model input with ``in_chans`` channels."""
-        if images.shape[1] != self.in_chans:
-            if self.in_chans == 3:
-                images = images.expand(-1, 3, -1, -1)
-            else:
-                w = torch.tensor([0.299, 0.587, 0.114], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-                images = (images * w).sum(1, keepdim=True)
-        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-        return (images - mean) / std
-
-
-class _FashionMNIST(Dataset):
-    """Fashion-MNIST as (1, H, W) float in [0, 1] at the model's size (bilinear when it differs from 28)."""
-
-    def __init__(self, split: str, data_dir: str | None, size: tuple[int, int]):
-        from ravit.data import CLASSES, load_fashion_mnist
-
-        self.images, self.labels = load_fashion_mnist(split, data_dir)
-        self.classes = list(CLASSES)
-        self.size = size
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        x = self.images[i].float().div(255)[None]  # (1, 28, 28)
-        if tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(x[None], size=self.size, mode="bilinear", align_corners=False)[0].clamp(0, 1)
-        return x, int(self.labels[i])
 
 
 class _Relabeled(Dataset):
@@ -141,34 +81,29 @@ class _ClassFolder(ImageFolder):
 
 
 def _folder(root: str | Path, spec: ModelInput, labels: list[int] | None = None) -> Dataset:
-    """An ImageFolder at the model's input size; ``labels`` maps its sorted class index to the model's."""
-    from torchvision import transforms
-
-    interp = transforms.InterpolationMode(spec.interpolation if spec.interpolation != "random" else "bicubic")
-    resize = tuple(int(s / spec.crop_pct) for s in spec.size)
-    tf = transforms.Compose(
-        [
-            transforms.Resize(resize if spec.size[0] != spec.size[1] else resize[0], interpolation=interp),
-            transforms.CenterCrop(spec.size),
-            transforms.ToTensor(),
-        ]
-    )
+    """An ImageFolder as [0, 1] tensors at the model's input size; ``labels`` maps its sorted class index to the
+    model's."""
     target = None if labels is None or labels == list(range(len(labels))) else labels.__getitem__
     try:
-        return _ClassFolder(str(root), transform=tf, target_transform=target, loader=load_rgb)
+        return _ClassFolder(str(root), transform=spec.unit_transform(), target_transform=target, loader=load_rgb)
     except FileNotFoundError as err:  # torchvision's message for class folders without images
         raise MissingFileError(f"no images in {root} (expected <root>/<class>/<image>): {err}") from None
 
 
-def image_dataset(data: str, spec: ModelInput, split: str = "test", data_dir: str | None = None) -> Dataset:
-    """``'fashion-mnist'`` or an ImageFolder path, as (C, H, W) float in [0, 1] at the model's input size.
+def image_dataset(data: str | os.PathLike, spec: ModelInput, split: str = "test",
+                  data_dir: str | os.PathLike | None = None) -> Dataset:
+    """``--data`` (``ravit.data.open_data``: ``'fashion-mnist'`` or an image folder, its ``<split>`` subfolder when
+    there is one) as (C, H, W) float in [0, 1] at the model's input size (``spec.unit_transform()``).
 
-    The dataset has a ``classes`` attribute (sorted class folder names for an ImageFolder, whose labels are
+    The dataset has a ``classes`` attribute (sorted class folder names for an image folder, whose labels are
     mapped to the model's classes by name in ``evaluate_corruptions``)."""
-    if data == "fashion-mnist":
-        return _FashionMNIST(split, data_dir, spec.size)
-    list_classes(data)
-    return _folder(data, spec)
+    name = data_name(data)
+    if name is not None:
+        return create_dataset(name, split, data_dir, spec.unit_transform())
+    folder = Path(check_data(data))
+    root = folder / split if (folder / split).is_dir() else folder
+    list_classes(root)
+    return _folder(root, spec)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -244,12 +179,12 @@ class RobustnessResult:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = [out / "robustness.json", out / "robustness.csv"]
-        write_atomic(paths[0], json.dumps(self.to_dict(), indent=2).encode())
+        write_json(paths[0], self.to_dict())
         buf = io.StringIO()
         writer = csv.DictWriter(buf, ["corruption", "severity", "accuracy", "correct", "total", "retention"])
         writer.writeheader()
         writer.writerows(self.rows())
-        write_atomic(paths[1], buf.getvalue().encode())
+        write_bytes(paths[1], buf.getvalue().encode())
         if plots and self.counts:
             paths += _plot(self, out)
         return paths
@@ -261,13 +196,6 @@ def _jsonable(obj):
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     return obj
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _plot(result: RobustnessResult, out: Path) -> list[Path]:
@@ -318,8 +246,7 @@ def _save_fig(fig, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    write_atomic(path, buf.getvalue())
-    return path
+    return write_bytes(path, buf.getvalue())
 
 
 def _loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
@@ -385,17 +312,18 @@ def evaluate_corruptions(
     device: str | torch.device = "cpu",
     workers: int = 0,
     progress: bool = True,
+    spec: ModelInput | None = None,
 ) -> RobustnessResult:
     """Clean accuracy and accuracy under each (corruption, severity), corrupting ``dataset`` on the fly.
 
     ``dataset`` yields ((C, H, W) float in [0, 1], label) at the model's input size (see ``image_dataset``); its
     ``classes`` are matched to the model's by name. Each image's corruption is seeded from (seed, its index in
     ``dataset``, corruption, severity) with a generator on ``device``, so counts do not depend on the batch size or
-    the number of ranks.
+    the number of ranks. ``spec`` normalises the images (default: ``ModelInput.from_model(model)``).
     """
     conds = _conditions(corruptions, severities)
     _check_run(batch_size, limit, workers)
-    spec = ModelInput.from_model(model)
+    spec = spec or ModelInput.from_model(model)
     _num_classes(model)
     dataset = _labels(dataset, model)
     rank, _ = _rank_world()
@@ -451,13 +379,15 @@ def evaluate_imagenet_c(
     device: str | torch.device = "cpu",
     workers: int = 0,
     progress: bool = True,
+    spec: ModelInput | None = None,
 ) -> RobustnessResult:
     """Accuracy on ``<root>/<corruption>/<severity>/`` ImageFolders (all 19 x 5 by default), plus clean accuracy on
-    ``clean_root`` if given. Every folder is checked before any is scored, so a missing one fails fast."""
+    ``clean_root`` if given. Every folder is checked before any is scored, so a missing one fails fast. ``spec``:
+    the model's input (default: ``ModelInput.from_model(model)``)."""
     conds = _conditions(corruptions, severities)
     _check_run(batch_size, limit, workers)
     folders = [imagenet_c_folder(root, c, s) for c, s in conds]
-    spec = ModelInput.from_model(model)
+    spec = spec or ModelInput.from_model(model)
     _num_classes(model)
     labels = [_folder_labels(folder, model) for folder in folders]
     clean_labels = None if clean_root is None else _folder_labels(clean_root, model)
@@ -491,13 +421,15 @@ def evaluate_folder(
     device: str | torch.device = "cpu",
     workers: int = 0,
     progress: bool = True,
+    spec: ModelInput | None = None,
 ) -> RobustnessResult:
     """Top-1 on an ImageFolder: 'imagenet-a' / 'imagenet-r' (logits masked to their 200 classes), 'sketch' or any
-    'folder' whose classes match the model's."""
+    'folder' whose classes match the model's. ``spec``: the model's input (default: ``ModelInput.from_model(model)``).
+    """
     if benchmark not in ("imagenet-a", "imagenet-r", "sketch", "folder"):
         raise InvalidArgumentError(f"unknown benchmark {benchmark!r}; valid: imagenet-a, imagenet-r, sketch, folder")
     _check_run(batch_size, limit, workers)
-    spec = ModelInput.from_model(model)
+    spec = spec or ModelInput.from_model(model)
     if benchmark in ("imagenet-a", "imagenet-r"):  # sorted wnids = ascending indices of the 200-logit mask
         check_classes(list_classes(root), _num_classes(model), benchmark)
         labels = None
