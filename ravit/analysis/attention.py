@@ -7,8 +7,9 @@ Two sources, neither of which changes the model:
   (class token first), FAN paper Sec. 2 / XCiT class attention.
 - timm-style blocks (``blocks.{i}.attn`` with ``attn_drop`` applied to the softmax, as timm's ``Attention`` and
   ``AttentionExtract`` assume): inside a context, fused attention is switched off and the dropout's output (the
-  attention probabilities, dropout being the identity in eval mode) is recorded by a forward hook. On exit the hooks
-  are removed and every ``fused_attn`` flag is restored; the explicit path gives the same numbers as the fused one.
+  attention probabilities, dropout being the identity in eval mode) is recorded by a forward hook
+  (``ravit.layers.capture_attention``, which FAN's ``get_attention_maps`` uses too). On exit the hooks are removed
+  and every ``fused_attn`` flag is restored; the explicit path gives the same numbers as the fused one.
 
 The maps over the image (B, heads, h, w) are then the class token's row without its own column (``cls_attention``),
 or, for attention among patch tokens, the attention each patch *receives* averaged over all patch queries, or one
@@ -25,6 +26,7 @@ from torch import nn
 
 from ravit.analysis.features import block_names, check_images, resolve_indices, token_grid
 from ravit.errors import InvalidArgumentError
+from ravit.layers import capture_attention
 
 __all__ = ["attention_maps", "cls_attention", "model_has_cls_token", "recording_attention", "token_attention"]
 
@@ -39,7 +41,7 @@ def recording_attention(model: nn.Module, names: Sequence[str]) -> Iterator[dict
     """Record the attention probabilities of timm-style blocks ``names`` (e.g. ``['blocks.11']``) during forwards.
 
     Yields ``{block name: (B, heads, N, N)}``, filled by each forward pass. Restores fused attention and removes the
-    hooks on exit, also when the forward raises.
+    hooks on exit, also when the forward raises (``ravit.layers.capture_attention`` on each block's ``attn``).
     """
     modules = dict(model.named_modules())
     targets = {}
@@ -51,27 +53,8 @@ def recording_attention(model: nn.Module, names: Sequence[str]) -> Iterator[dict
                 f"`{name}.attn` applies an `attn_drop` module to the softmax; {name!r} has neither"
             )
         targets[name] = attn
-    captured: dict[str, torch.Tensor] = {}
-    saved_flags = {name: attn.fused_attn for name, attn in targets.items() if hasattr(attn, "fused_attn")}
-    handles = []
-
-    def make_hook(name):
-        def hook(module, args, output):
-            captured[name] = output.detach()
-
-        return hook
-
-    try:
-        for name, attn in targets.items():
-            if name in saved_flags:
-                attn.fused_attn = False
-            handles.append(attn.attn_drop.register_forward_hook(make_hook(name)))
+    with capture_attention(targets) as captured:
         yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-        for name, flag in saved_flags.items():
-            targets[name].fused_attn = flag
 
 
 @torch.no_grad()

@@ -47,9 +47,9 @@ class ChannelProcessing(nn.Module):
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
 
-    def forward(self, x: torch.Tensor, hw: tuple[int, int], return_attention: bool = False,
-                out_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None):
-        """x (B, N, C) on an (H, W) grid -> (B, N, C); with ``return_attention`` also the channel gate (B, 1, C).
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], out_scale: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, C) on an (H, W) grid -> (B, N, C).
 
         ``out_scale`` (C,) multiplies the output (folded into the gate); with ``residual`` the result is
         ``residual + output`` in one pass. Both serve the block's LayerScale and skip connection.
@@ -57,5 +57,4 @@ class ChannelProcessing(nn.Module):
         gate = self.attn_drop(channel_attention_gate(self.q(x), x, self.temperature))  # (B, 1, C)
         v = self.norm_v(self.mlp_v(x, hw))  # (B, N, C)
         scale = gate if out_scale is None else gate * out_scale
-        out = v * scale if residual is None else torch.addcmul(residual, v, scale)
-        return (out, gate) if return_attention else out
+        return v * scale if residual is None else torch.addcmul(residual, v, scale)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_function
 from torch import nn
 
 from ravit.errors import InvalidArgumentError
@@ -15,6 +16,7 @@ from ravit.errors import InvalidArgumentError
 __all__ = ["DWConv", "tokens_to_map", "map_to_tokens"]
 
 
+@register_notrace_function  # reason: checks the token count against the grid (FX cannot branch on traced shapes)
 def tokens_to_map(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     """(B, N, C) tokens -> (B, C, H, W) map, channels-last in memory (a view, no copy)."""
     B, N, C = x.shape
@@ -59,6 +61,7 @@ class DWConv(nn.Module):
         conv = self.conv2
         weight, bias = conv.weight, conv.bias
         if out_scale is not None:
-            weight, bias = weight * out_scale.view(-1, 1, 1, 1), bias * out_scale
+            weight = weight * out_scale.view(-1, 1, 1, 1)
+            bias = bias * out_scale if bias is not None else None
         x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         return map_to_tokens(x)  # (B, N, C)

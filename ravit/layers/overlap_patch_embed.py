@@ -22,5 +22,4 @@ class OverlapPatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
         x = self.proj(tokens_to_map(x.contiguous(), hw))  # (B, C', H', W')
-        H, W = x.shape[-2:]
-        return self.norm(x.flatten(2).transpose(1, 2)), (H, W)
+        return self.norm(x.flatten(2).transpose(1, 2)), (x.shape[2], x.shape[3])

@@ -3,13 +3,15 @@ arXiv 2204.12451), timm-native.
 
 A FAN block is pre-norm x + γ1·TokenMixing(LN x), then x + γ2·ChannelProcessing(LN x) (Sec. 3.2); a convolutional
 patch embedding and a Fourier positional encoding come before the blocks, two XCiT class-attention blocks and the head
-after them. Every official FAN-ViT name is registered with the official state_dict keys and parameter counts; the
+after them. The XCiT parts are timm's (``timm.models.xcit``: ``PositionalEncodingFourier``, ``ClassAttentionBlock``,
+and ``ConvPatchEmbed`` with FAN's p4 stem added), which FAN uses unchanged, quirks included: patch tokens also get
++γ1·LN1(x) in class attention, whose MLP residual starts from the normalised tokens (NVlabs/FAN issue #19).
+Every official FAN-ViT name is registered with the official state_dict keys and parameter counts; the
 same ``FAN`` class serves FAN-Hybrid through ``embed_layer`` and Hybrid-XL's width change through ``channel_dims``.
+The models script (``torch.jit.script``) and trace (``torch.fx``) as timm's own do.
 Written from the paper and the released model's shapes and outputs (no official code copied; that code is
 NVIDIA-NC licensed).
 """
-
-from __future__ import annotations
 
 import math
 from collections.abc import Callable
@@ -17,28 +19,52 @@ from functools import partial
 
 import torch
 import torch.utils.checkpoint
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath, register_notrace_function, trunc_normal_
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
 from torch import nn
 
 from ravit.errors import InvalidArgumentError
 
-from ..checkpoint import load_checkpoint, use_ravit_loader
+from ..checkpoint import load_checkpoint
 from ..layers import (
     ChannelProcessing,
-    ClassAttentionBlock,
     ConvPatchEmbed,
+    DWConvMlp,
     OverlapPatchEmbed,
-    PositionalEncodingFourier,
-    SEMlp,
     TokenMixing,
+    capture_attention,
+    explicit_attention,
+    squeeze_excite,
 )
+from ._pretrained import LICENSE, RELEASE_URL, build_fan, fan_cfg
 
-__all__ = ["FAN", "FANBlock", "checkpoint_filter_fn", "init_weights"]
+__all__ = ["FAN", "FANBlock", "check_images", "checkpoint_filter_fn", "init_weights"]
 
 _norm_layer = partial(nn.LayerNorm, eps=1e-6)
+
+
+@register_notrace_function  # reason: branches on the input's shape and dtype (kept as one call in FX graphs)
+@torch.jit.ignore  # an FX graph scripted afterwards calls it in Python; the models themselves skip it when scripted
+def check_images(x: torch.Tensor, in_chans: int, stride: int, name: str) -> torch.Tensor:
+    """``x`` unchanged if it is a usable (B, in_chans, H, W) float batch with H and W divisible by ``stride``;
+    otherwise ``InvalidArgumentError`` saying what ``name`` expected."""
+    if x.ndim != 4:
+        raise InvalidArgumentError(f"{name} expects images (B, {in_chans}, H, W), got shape {tuple(x.shape)}")
+    batch, chans, H, W = x.shape
+    if chans != in_chans:
+        raise InvalidArgumentError(
+            f"{name} expects {in_chans} input channels, got {chans} (input shape {tuple(x.shape)})")
+    if batch == 0:
+        raise InvalidArgumentError(f"{name} got an empty batch (input shape {tuple(x.shape)}); pass at least one image")
+    if not x.is_floating_point():  # integer pixels (uint8 0..255) would run unnormalised or fail in the stem
+        raise InvalidArgumentError(
+            f"{name} expects float images, got {x.dtype}: convert and normalise them first (e.g. x.float() / 255, "
+            f"then the model's mean and std)")
+    if H % stride or W % stride:
+        raise InvalidArgumentError(f"{name} needs height and width divisible by its stride {stride}, got {H}×{W}")
+    return x
 
 
 class FANBlock(nn.Module):
@@ -49,6 +75,8 @@ class FANBlock(nn.Module):
     paper's SE-MLP ablation.
     """
 
+    __constants__ = ["fused_cp"]  # TorchScript compiles only the branch taken
+
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False, drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path: float = 0.0, eta: float = 1.0, se_mlp: bool = False,
                  out_dim: int | None = None):
@@ -58,30 +86,27 @@ class FANBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = _norm_layer(dim)
         if se_mlp:
-            self.mlp = SEMlp(dim, int(dim * mlp_ratio), drop=drop)
+            self.mlp = DWConvMlp(dim, int(dim * mlp_ratio), drop=drop, se_layer=squeeze_excite)
         else:
             self.mlp = ChannelProcessing(dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop,
                                          attn_drop=attn_drop)
         self.gamma1 = nn.Parameter(eta * torch.ones(dim))
         self.gamma2 = nn.Parameter(eta * torch.ones(dim))
         self.downsample = OverlapPatchEmbed(dim, out_dim) if out_dim is not None and out_dim != dim else None
+        # Without stochastic depth, channel processing takes γ2 and the skip connection into its last multiply.
+        self.fused_cp = not se_mlp and isinstance(self.drop_path, nn.Identity)
 
-    def forward(self, x: torch.Tensor, hw: tuple[int, int], return_attention: bool = False):
-        """(B, N, C), (H, W) -> ((B, N', C'), (H', W')); with ``return_attention`` also the (B, h, N, N) map."""
-        # The LayerScale γ's are folded into the branches' last linear maps, and without stochastic depth the skip
-        # connection of channel processing is fused into its last multiply (same function, fewer passes).
-        if return_attention:
-            y, attn = self.attn(self.norm1(x), return_attention=True, out_scale=self.gamma1)
-        else:
-            y, attn = self.attn(self.norm1(x), out_scale=self.gamma1), None
-        x = x + self.drop_path(y)
-        if isinstance(self.mlp, ChannelProcessing) and isinstance(self.drop_path, nn.Identity):
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, N, C), (H, W) -> ((B, N', C'), (H', W'))."""
+        # The LayerScale γ's are folded into the branches' last linear maps (same function, fewer passes).
+        x = x + self.drop_path(self.attn(self.norm1(x), out_scale=self.gamma1))
+        if self.fused_cp:
             x = self.mlp(self.norm2(x), hw, out_scale=self.gamma2, residual=x)
         else:
             x = x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x), hw))
         if self.downsample is not None:
             x, hw = self.downsample(x, hw)
-        return (x, hw, attn) if return_attention else (x, hw)
+        return x, hw
 
 
 def init_weights(module: nn.Module, name: str = "") -> None:
@@ -161,7 +186,7 @@ class FAN(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, self.num_features))
         self.cls_attn_blocks = nn.ModuleList([
             ClassAttentionBlock(self.num_features, num_heads[-1], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                                drop=drop_rate, attn_drop=attn_drop_rate, norm_layer=_norm_layer, eta=eta,
+                                proj_drop=drop_rate, attn_drop=attn_drop_rate, norm_layer=_norm_layer, eta=eta,
                                 tokens_norm=tokens_norm)
             for _ in range(cls_attn_layers)])
         self.norm = _norm_layer(self.num_features)
@@ -209,31 +234,26 @@ class FAN(nn.Module):
         load_checkpoint(self, checkpoint_path)
 
     # --- forward ----------------------------------------------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise InvalidArgumentError(f"expected images (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
-        batch, chans, H, W = x.shape
-        if batch == 0:
-            raise InvalidArgumentError("got an empty batch (0 images)")
-        if not x.is_floating_point():  # integer pixels (uint8 0..255) would run unnormalised or fail in the stem
-            raise InvalidArgumentError(
-                f"expected float images, got {x.dtype}: convert and normalise them first (e.g. x.float() / 255, "
-                f"then the model's mean and std)")
-        if chans != self.in_chans:
-            raise InvalidArgumentError(
-                f"expected {self.in_chans} input channels, got {chans} (input shape {tuple(x.shape)})")
-        if H % self.patch_size or W % self.patch_size:
-            raise InvalidArgumentError(f"input size {H}×{W} is not divisible by the model's stride {self.patch_size}")
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` after ``check_images`` (not compiled by TorchScript; one graph node under FX)."""
+        if not torch.jit.is_scripting():
+            name = getattr(self, "pretrained_cfg", {}).get("architecture") or type(self).__name__
+            x = check_images(x, self.in_chans, self.patch_size, name)
+        return x
+
+    def _add_pos_embed(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """Patch tokens (B, N, C) on an (H, W) grid plus the Fourier positional encoding, then dropout."""
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(1, hw[0], hw[1]).flatten(2).transpose(1, 2)  # (1, C, H, W) -> (1, N, C)
+        return self.pos_drop(x)
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        self._check_input(x)
-        x, hw = self.patch_embed(x)  # (B, N, C), (H, W)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(hw)
-        return self.pos_drop(x), hw
+        x, hw = self.patch_embed(self._check_input(x))  # (B, N, C), (H, W)
+        return self._add_pos_embed(x, hw), hw
 
     def _run_block(self, blk: nn.Module, x: torch.Tensor, hw: tuple[int, int]):
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+        """One FAN block, recomputed in backward under gradient checkpointing (eager only)."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(blk, x, hw, use_reentrant=False)
         return blk(x, hw)
 
@@ -250,8 +270,12 @@ class FAN(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> normalised tokens (B, 1+N, C), the class token first."""
         x, hw = self._embed(x)
-        for blk in self.blocks:
-            x, hw = self._run_block(blk, x, hw)
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            for blk in self.blocks:
+                x, hw = self._run_block(blk, x, hw)
+        else:  # TorchScript cannot pass a block to a method
+            for blk in self.blocks:
+                x, hw = blk(x, hw)
         return self.norm(self._class_attention(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -322,27 +346,17 @@ class FAN(nn.Module):
     @torch.jit.ignore
     def get_attention_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Attention maps (explicit path): 'blocks.{i}' -> (B, h, N, N), 'cls_attn_blocks.{j}' -> (B, h, 1, 1+N)."""
-        maps: dict[str, torch.Tensor] = {}
-        x, hw = self._embed(x)
-        for i, blk in enumerate(self.blocks):
-            x, hw, maps[f"blocks.{i}"] = blk(x, hw, return_attention=True)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        for j, blk in enumerate(self.cls_attn_blocks):
-            x, maps[f"cls_attn_blocks.{j}"] = blk(x, return_attention=True)
-        return maps
+        modules = {f"blocks.{i}": blk.attn for i, blk in enumerate(self.blocks)}
+        modules.update({f"cls_attn_blocks.{j}": blk.attn for j, blk in enumerate(self.cls_attn_blocks)})
+        with capture_attention(modules) as maps:
+            self.forward_features(x)
+        return dict(maps)
 
     @torch.jit.ignore
     def forward_explicit(self, x: torch.Tensor) -> torch.Tensor:
         """``forward`` through the explicit (non-fused) attention path; same outputs, for checking and analysis."""
-        x, hw = self._embed(x)
-        for blk in self.blocks:
-            x, hw, _ = blk(x, hw, return_attention=True)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        for blk in self.cls_attn_blocks:
-            x, _ = blk(x, return_attention=True)
-        return self.forward_head(self.norm(x))
+        with explicit_attention(self):
+            return self.forward(x)
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: FAN) -> dict[str, torch.Tensor]:
@@ -366,36 +380,24 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: FAN) -> dic
 
 # --- registry -----------------------------------------------------------------------------------------------------
 def _cfg(**kwargs) -> dict:
-    cfg = dict(
-        url="", num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=1.0, interpolation="bicubic",
-        fixed_input_size=False, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-        first_conv="patch_embed.proj.0.0", classifier="head",
-        custom_load=True,  # files given through pretrained_cfg_overlay go through ravit.load_checkpoint
-        paper_ids="arXiv:2204.12451", origin_url="https://github.com/NVlabs/FAN")
-    return {**cfg, **kwargs}
+    return fan_cfg(first_conv="patch_embed.proj.0.0", classifier="head", **kwargs)
 
-
-_NV = "https://github.com/zhoudaquan/fully_attentional_network_ckpt/releases/download/v1.0.0/"
-_NC = "NVIDIA Source Code License-NC (official weights); load them with pretrained_cfg_overlay=dict(file=...)"
 
 default_cfgs = generate_default_cfgs({
-    "fan_tiny_12_p16_224.nv_in1k": _cfg(license=_NC, notes=(_NV + "fan_vit_tiny.pth.tar",)),
-    "fan_small_12_p16_224.nv_in1k": _cfg(license=_NC, notes=(_NV + "fan_vit_small.pth.tar",)),
-    "fan_base_18_p16_224.nv_in1k": _cfg(license=_NC, notes=(_NV + "fan_vit_base.pth.tar",)),
-    "fan_large_24_p16_224": _cfg(),
+    "fan_tiny_12_p16_224.nv_in1k": _cfg(url=RELEASE_URL + "fan_vit_tiny.pth.tar", license=LICENSE),
+    "fan_small_12_p16_224.nv_in1k": _cfg(url=RELEASE_URL + "fan_vit_small.pth.tar", license=LICENSE),
+    "fan_base_18_p16_224.nv_in1k": _cfg(url=RELEASE_URL + "fan_vit_base.pth.tar", license=LICENSE),
+    "fan_large_24_p16_224": _cfg(),  # never released (NVlabs/FAN issue #18)
     "fan_small_12_p16_224_se_attn": _cfg(),
     "test_fan_vit": _cfg(input_size=(3, 64, 64)),
     "test_fan_vit_downsample": _cfg(input_size=(3, 64, 64)),
 })
 
 
-def _create_fan(variant: str, pretrained: bool = False, defaults: dict | None = None, **kwargs) -> FAN:
-    """Build a registered FAN through timm (``defaults`` are the variant's settings; caller kwargs override them)."""
-    kwargs = use_ravit_loader({**(defaults or {}), **kwargs})
+def _create_fan(variant: str, pretrained: bool = False, **kwargs) -> FAN:
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        FAN, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+    return build_fan(FAN, variant, pretrained, checkpoint_filter_fn,
+                     feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
 
 
 _VIT = dict(patch_size=16, eta=1.0, tokens_norm=True)
@@ -404,43 +406,47 @@ _VIT = dict(patch_size=16, eta=1.0, tokens_norm=True)
 @register_model
 def fan_tiny_12_p16_224(pretrained: bool = False, **kwargs) -> FAN:
     """FAN-T-ViT: 192 wide, 12 blocks, 4 heads, 7.32M parameters."""
-    return _create_fan("fan_tiny_12_p16_224", pretrained, dict(_VIT, embed_dim=192, depth=12, num_heads=4), **kwargs)
+    model_args = dict(_VIT, embed_dim=192, depth=12, num_heads=4)
+    return _create_fan("fan_tiny_12_p16_224", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def fan_small_12_p16_224(pretrained: bool = False, **kwargs) -> FAN:
     """FAN-S-ViT: 384 wide, 12 blocks, 8 heads, 28.35M parameters."""
-    return _create_fan("fan_small_12_p16_224", pretrained, dict(_VIT, embed_dim=384, depth=12, num_heads=8), **kwargs)
+    model_args = dict(_VIT, embed_dim=384, depth=12, num_heads=8)
+    return _create_fan("fan_small_12_p16_224", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def fan_base_18_p16_224(pretrained: bool = False, **kwargs) -> FAN:
     """FAN-B-ViT: 448 wide, 18 blocks, 8 heads, 54.35M parameters."""
-    return _create_fan("fan_base_18_p16_224", pretrained, dict(_VIT, embed_dim=448, depth=18, num_heads=8), **kwargs)
+    model_args = dict(_VIT, embed_dim=448, depth=18, num_heads=8)
+    return _create_fan("fan_base_18_p16_224", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def fan_large_24_p16_224(pretrained: bool = False, **kwargs) -> FAN:
     """FAN-L-ViT: 480 wide, 24 blocks, 10 heads, 80.57M parameters."""
-    return _create_fan("fan_large_24_p16_224", pretrained, dict(_VIT, embed_dim=480, depth=24, num_heads=10), **kwargs)
+    model_args = dict(_VIT, embed_dim=480, depth=24, num_heads=10)
+    return _create_fan("fan_large_24_p16_224", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def fan_small_12_p16_224_se_attn(pretrained: bool = False, **kwargs) -> FAN:
     """FAN-S-ViT with the SE-MLP instead of channel processing (paper Table 6 ablation; the official one crashes)."""
-    defaults = dict(_VIT, embed_dim=384, depth=12, num_heads=8, se_mlp=True)
-    return _create_fan("fan_small_12_p16_224_se_attn", pretrained, defaults, **kwargs)
+    model_args = dict(_VIT, embed_dim=384, depth=12, num_heads=8, se_mlp=True)
+    return _create_fan("fan_small_12_p16_224_se_attn", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def test_fan_vit(pretrained: bool = False, **kwargs) -> FAN:
     """Tiny FAN-ViT for fast tests (not an official model)."""
-    defaults = dict(_VIT, img_size=64, embed_dim=32, depth=2, num_heads=2)
-    return _create_fan("test_fan_vit", pretrained, defaults, **kwargs)
+    model_args = dict(_VIT, img_size=64, embed_dim=32, depth=2, num_heads=2)
+    return _create_fan("test_fan_vit", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def test_fan_vit_downsample(pretrained: bool = False, **kwargs) -> FAN:
     """Tiny FAN-ViT that changes width between blocks (Hybrid-XL's downsample path), for fast tests."""
-    defaults = dict(_VIT, img_size=64, embed_dim=32, depth=3, num_heads=[2, 2, 4], channel_dims=[32, 32, 48])
-    return _create_fan("test_fan_vit_downsample", pretrained, defaults, **kwargs)
+    model_args = dict(_VIT, img_size=64, embed_dim=32, depth=3, num_heads=[2, 2, 4], channel_dims=[32, 32, 48])
+    return _create_fan("test_fan_vit_downsample", pretrained, **dict(model_args, **kwargs))

@@ -17,20 +17,15 @@ from functools import partial
 
 import torch
 from timm.layers import LayerNorm2d, trunc_normal_
-from timm.models import (
-    build_model_with_cfg,
-    generate_default_cfgs,
-    register_model,
-    register_model_deprecations,
-)
+from timm.models import generate_default_cfgs, register_model, register_model_deprecations
 from timm.models._features import feature_take_indices
 from timm.models.convnext import ConvNeXtStage
 from torch import nn
 
 from ravit.errors import InvalidArgumentError
 
-from ..checkpoint import use_ravit_loader
-from .fan import FAN, _cfg
+from ._pretrained import LICENSE, RELEASE_URL, build_fan, fan_cfg
+from .fan import FAN
 from .fan import checkpoint_filter_fn as _fan_checkpoint_filter_fn
 
 __all__ = ["ConvNeXtStem", "FANHybrid", "HybridEmbed", "UnbiasedLayerNorm2d", "checkpoint_filter_fn"]
@@ -170,16 +165,14 @@ class FANHybrid(FAN):
         if norm and any(self.feature_info[i]["num_chs"] != self.num_features for i in take_indices if i >= n_stem):
             raise InvalidArgumentError(
                 "norm=True needs intermediates as wide as the final norm; this model changes width")
-        self._check_input(x)
+        x = self._check_input(x)
         maps = self.patch_embed.backbone.forward_stages(x, min(max_index + 1, n_stem) if intermediates_only else None)
         intermediates = [m if output_fmt == "NCHW" else m.flatten(2).transpose(1, 2)  # (B, C, H, W) or (B, N, C)
                          for i, m in enumerate(maps) if i in take_indices]
         if intermediates_only and max_index < n_stem:
             return intermediates
         x, hw = self.patch_embed.project(maps[-1])  # (B, N, C)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(hw)
-        x = self.pos_drop(x)
+        x = self._add_pos_embed(x, hw)
         blocks = self.blocks[: max_index + 1 - n_stem] if stop_early or intermediates_only else self.blocks
         x, fan_intermediates = self._blocks_with_intermediates(x, hw, blocks, take_indices, norm, output_fmt, n_stem)
         intermediates += fan_intermediates
@@ -201,38 +194,41 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: FANHybrid) 
     return _fan_checkpoint_filter_fn(state_dict, model)
 
 
-def _create_fan_hybrid(variant: str, pretrained: bool = False, defaults: dict | None = None,
-                       **kwargs) -> FANHybrid:
-    """Build a registered FAN-Hybrid through timm (``defaults`` are the variant's settings, kwargs override them)."""
-    kwargs = use_ravit_loader({**(defaults or {}), **kwargs})
-    num_features = len(kwargs.get("convnext_depths", (3, 3))) + kwargs.get("depth", 12)
-    out_indices = kwargs.pop("out_indices", (0, 1, num_features - 1))
-    return build_model_with_cfg(
-        FANHybrid, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
-
-
-_NV = "https://github.com/zhoudaquan/fully_attentional_network_ckpt/releases/download/v1.0.0/"
-_NC = "NVIDIA Source Code License-NC (official weights); load them with pretrained_cfg_overlay=dict(file=...)"
-
-
-def _nv(file: str, **kwargs) -> dict:
-    return _cfg(first_conv="patch_embed.backbone.stem.0", license=_NC, notes=(_NV + file,), **kwargs)
+# --- registry -----------------------------------------------------------------------------------------------------
+def _cfg(**kwargs) -> dict:
+    return fan_cfg(first_conv="patch_embed.backbone.stem.0", classifier="head", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
-    "fan_tiny_8_p4_hybrid.nv_in1k": _nv("fan_hybrid_tiny.pth.tar"),
-    "fan_small_12_p4_hybrid.nv_in1k": _nv("fan_hybrid_small.pth.tar"),
-    "fan_base_16_p4_hybrid.nv_in1k": _nv("fan_hybrid_base.pth.tar"),
-    "fan_base_16_p4_hybrid.nv_in22k_ft_in1k": _nv("fan_hybrid_base_in22k_1k.pth.tar"),
-    "fan_base_16_p4_hybrid.nv_in22k_ft_in1k_384": _nv("fan_hybrid_base_in22k_1k_384.pth.tar",
-                                                      input_size=(3, 384, 384)),
-    "fan_large_16_p4_hybrid.nv_in22k_ft_in1k": _nv("fan_hybrid_large_in22k_1k.pth.tar"),
-    "fan_large_16_p4_hybrid.nv_in22k_ft_in1k_384": _nv("fan_hybrid_large_in22k_1k_384.pth.tar",
-                                                       input_size=(3, 384, 384)),
-    "fan_xlarge_16_p4_hybrid": _cfg(first_conv="patch_embed.backbone.stem.0"),
-    "test_fan_hybrid": _cfg(first_conv="patch_embed.backbone.stem.0", input_size=(3, 64, 64)),
+    "fan_tiny_8_p4_hybrid.nv_in1k": _cfg(url=RELEASE_URL + "fan_hybrid_tiny.pth.tar", license=LICENSE),
+    "fan_small_12_p4_hybrid.nv_in1k": _cfg(url=RELEASE_URL + "fan_hybrid_small.pth.tar", license=LICENSE),
+    "fan_base_16_p4_hybrid.nv_in1k": _cfg(url=RELEASE_URL + "fan_hybrid_base.pth.tar", license=LICENSE),
+    "fan_base_16_p4_hybrid.nv_in22k_ft_in1k": _cfg(
+        url=RELEASE_URL + "fan_hybrid_base_in22k_1k.pth.tar", license=LICENSE),
+    "fan_base_16_p4_hybrid.nv_in22k_ft_in1k_384": _cfg(
+        url=RELEASE_URL + "fan_hybrid_base_in22k_1k_384.pth.tar", license=LICENSE, input_size=(3, 384, 384)),
+    # ImageNet-22k without fine-tuning: 19167 classes (the winter-2021 ImageNet-21k), inferred from the sizes of the
+    # released files next to their 1000-class fine-tunes, not read from a file.
+    "fan_base_16_p4_hybrid.nv_in22k": _cfg(
+        url=RELEASE_URL + "fan_hybrid_base_in22k.pth.tar", license=LICENSE, num_classes=19167),
+    # FAN-L-Hybrid on ImageNet-1k alone was never released (NVlabs/FAN issue #18).
+    "fan_large_16_p4_hybrid.nv_in22k_ft_in1k": _cfg(
+        url=RELEASE_URL + "fan_hybrid_large_in22k_1k.pth.tar", license=LICENSE),
+    "fan_large_16_p4_hybrid.nv_in22k_ft_in1k_384": _cfg(
+        url=RELEASE_URL + "fan_hybrid_large_in22k_1k_384.pth.tar", license=LICENSE, input_size=(3, 384, 384)),
+    "fan_large_16_p4_hybrid.nv_in22k": _cfg(
+        url=RELEASE_URL + "fan_hybrid_large_in22k.pth.tar", license=LICENSE, num_classes=19167),
+    "fan_xlarge_16_p4_hybrid": _cfg(),
+    "test_fan_hybrid": _cfg(input_size=(3, 64, 64)),
 })
+
+
+def _create_fan_hybrid(variant: str, pretrained: bool = False, **kwargs) -> FANHybrid:
+    num_features = len(kwargs.get("convnext_depths", (3, 3))) + kwargs.get("depth", 12)
+    out_indices = kwargs.pop("out_indices", (0, 1, num_features - 1))
+    return build_fan(FANHybrid, variant, pretrained, checkpoint_filter_fn,
+                     feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+
 
 _HYBRID = dict(eta=1.0, tokens_norm=True, hybrid_patch_size=2, convnext_dims=(128, 256))
 
@@ -240,47 +236,47 @@ _HYBRID = dict(eta=1.0, tokens_norm=True, hybrid_patch_size=2, convnext_dims=(12
 @register_model
 def fan_tiny_8_p4_hybrid(pretrained: bool = False, **kwargs) -> FANHybrid:
     """FAN-T-Hybrid: ConvNeXt stem [3, 3], 8 FAN blocks 192 wide with 8 heads; 7.47M parameters."""
-    defaults = dict(_HYBRID, convnext_depths=(3, 3), embed_dim=192, depth=8, num_heads=8)
-    return _create_fan_hybrid("fan_tiny_8_p4_hybrid", pretrained, defaults, **kwargs)
+    model_args = dict(_HYBRID, convnext_depths=(3, 3), embed_dim=192, depth=8, num_heads=8)
+    return _create_fan_hybrid("fan_tiny_8_p4_hybrid", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def fan_small_12_p4_hybrid(pretrained: bool = False, **kwargs) -> FANHybrid:
     """FAN-S-Hybrid: ConvNeXt stem [3, 3], 10 FAN blocks (not 12) 384 wide with 8 heads; 26.12M parameters."""
-    defaults = dict(_HYBRID, convnext_depths=(3, 3), embed_dim=384, depth=10, num_heads=8)
-    return _create_fan_hybrid("fan_small_12_p4_hybrid", pretrained, defaults, **kwargs)
+    model_args = dict(_HYBRID, convnext_depths=(3, 3), embed_dim=384, depth=10, num_heads=8)
+    return _create_fan_hybrid("fan_small_12_p4_hybrid", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def fan_base_16_p4_hybrid(pretrained: bool = False, **kwargs) -> FANHybrid:
     """FAN-B-Hybrid: ConvNeXt stem [3, 3], 16 FAN blocks 448 wide with 8 heads; 50.48M parameters."""
-    defaults = dict(_HYBRID, convnext_depths=(3, 3), embed_dim=448, depth=16, num_heads=8)
-    return _create_fan_hybrid("fan_base_16_p4_hybrid", pretrained, defaults, **kwargs)
+    model_args = dict(_HYBRID, convnext_depths=(3, 3), embed_dim=448, depth=16, num_heads=8)
+    return _create_fan_hybrid("fan_base_16_p4_hybrid", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def fan_large_16_p4_hybrid(pretrained: bool = False, **kwargs) -> FANHybrid:
     """FAN-L-Hybrid: ConvNeXt stem [3, 5], 22 FAN blocks (not 16) 480 wide with 10 heads, head init ×0.001;
     76.86M parameters."""
-    defaults = dict(_HYBRID, convnext_depths=(3, 5), embed_dim=480, depth=22, num_heads=10, head_init_scale=0.001)
-    return _create_fan_hybrid("fan_large_16_p4_hybrid", pretrained, defaults, **kwargs)
+    model_args = dict(_HYBRID, convnext_depths=(3, 5), embed_dim=480, depth=22, num_heads=10, head_init_scale=0.001)
+    return _create_fan_hybrid("fan_large_16_p4_hybrid", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def fan_xlarge_16_p4_hybrid(pretrained: bool = False, **kwargs) -> FANHybrid:
     """FAN-XL-Hybrid (official name ``fan_Xlarge_16_p4_hybrid``): ConvNeXt stem [3, 7], 20 FAN blocks 528 wide with
     11 heads, an overlapping stride-2 downsample to 768, 3 blocks with 16 heads; 120.41M parameters. No weights."""
-    defaults = dict(_HYBRID, convnext_depths=(3, 7), embed_dim=528, depth=23, channel_dims=[528] * 20 + [768] * 3,
-                    num_heads=[11] * 20 + [16] * 3)
-    return _create_fan_hybrid("fan_xlarge_16_p4_hybrid", pretrained, defaults, **kwargs)
+    model_args = dict(_HYBRID, convnext_depths=(3, 7), embed_dim=528, depth=23, channel_dims=[528] * 20 + [768] * 3,
+                      num_heads=[11] * 20 + [16] * 3)
+    return _create_fan_hybrid("fan_xlarge_16_p4_hybrid", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def test_fan_hybrid(pretrained: bool = False, **kwargs) -> FANHybrid:
     """Tiny FAN-Hybrid for fast tests (not an official model): stem [1, 1] at 16/32, 2 FAN blocks 32 wide."""
-    defaults = dict(_HYBRID, img_size=64, convnext_depths=(1, 1), convnext_dims=(16, 32), embed_dim=32, depth=2,
-                    num_heads=2)
-    return _create_fan_hybrid("test_fan_hybrid", pretrained, defaults, **kwargs)
+    model_args = dict(_HYBRID, img_size=64, convnext_depths=(1, 1), convnext_dims=(16, 32), embed_dim=32, depth=2,
+                      num_heads=2)
+    return _create_fan_hybrid("test_fan_hybrid", pretrained, **dict(model_args, **kwargs))
 
 
 register_model_deprecations(__name__, {"fan_Xlarge_16_p4_hybrid": "fan_xlarge_16_p4_hybrid"})

@@ -10,143 +10,156 @@ The model is timm's ``SwinTransformer`` (patch embedding, patch merging, norm, h
 the feature map of every call, never stored: a stage whose side is at most the window uses one unshifted window
 (as the official code does), any other side is padded to a multiple of the window and the padded keys are masked out,
 so any input divisible by the stride (32 for the four-stage models) works. Attention runs on
-``F.scaled_dot_product_attention``; ``get_attention_maps`` runs the explicit path.
+``F.scaled_dot_product_attention`` (or timm's explicit path when ``fused_attn`` is off); ``get_attention_maps`` runs
+the explicit path. The model scripts with TorchScript; under ``torch.fx`` each block is one leaf, since its windows
+follow the input size.
 
 Official checkpoints (timm 0.5.4 layout: patch merging at the end of a stage, ``head``, persistent
 ``relative_position_index`` / ``attn_mask``) load through ``checkpoint_filter_fn``. No FAN-Swin weights were released.
 """
 
-from __future__ import annotations
-
 import re
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, calculate_drop_path_rates, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath, Mlp, calculate_drop_path_rates, register_notrace_module, to_2tuple
+from timm.models import generate_default_cfgs, register_model
 from timm.models import swin_transformer as timm_swin
 from torch import nn
 
-from ravit.checkpoint import use_ravit_loader
 from ravit.errors import InvalidArgumentError
 from ravit.layers import ChannelProcessing
+from ravit.models._pretrained import build_fan, fan_cfg
+from ravit.models.fan import check_images
 
 __all__ = ["FANSwin", "FANSwinBlock", "WindowAttention", "checkpoint_filter_fn", "relative_position_index",
            "window_geometry", "window_attention_mask"]
 
-_MASK_VALUE = -100.0  # the official (and timm) Swin mask value: exp(-100) vanishes next to any unmasked logit
+
+def _side_geometry(size: int, window: int, shifted: bool) -> tuple[int, int, int]:
+    """(window, shift, padding) along one side of ``size`` tokens."""
+    if size <= window:
+        return size, 0, 0
+    return window, window // 2 if shifted else 0, (window - size % window) % window
 
 
-def window_geometry(hw: tuple[int, int], window: tuple[int, int], shifted: bool):
+def window_geometry(hw: tuple[int, int], window: tuple[int, int],
+                    shifted: bool) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """Window, shift and bottom/right padding used on an (H, W) feature map.
 
     A side no longer than the window is covered by one window of that side and never shifted (the official rule,
     applied per side as in timm 1.0); a longer side uses the full window, shifted by half of it in shifted blocks,
     and is padded up to a multiple of the window.
     """
-    win, shift, pad = [], [], []
-    for size, w in zip(hw, window, strict=True):
-        if size <= w:
-            win.append(size)
-            shift.append(0)
-            pad.append(0)
-        else:
-            win.append(w)
-            shift.append(w // 2 if shifted else 0)
-            pad.append(-size % w)
-    return tuple(win), tuple(shift), tuple(pad)
+    win_h, shift_h, pad_h = _side_geometry(hw[0], window[0], shifted)
+    win_w, shift_w, pad_w = _side_geometry(hw[1], window[1], shifted)
+    return (win_h, win_w), (shift_h, shift_w), (pad_h, pad_w)
 
 
-def relative_position_index(window: tuple[int, int], table_window: tuple[int, int], device=None) -> torch.Tensor:
+def relative_position_index(window: tuple[int, int], table_window: tuple[int, int],
+                            device: torch.device | None = None) -> torch.Tensor:
     """Index into a relative-position bias table built for ``table_window`` of every token pair of ``window``.
 
     For ``window == table_window`` this is Swin's usual index; a smaller window reads the table's central offsets.
     Returns (Wh·Ww, Wh·Ww) long.
     """
-    (wh, ww), (th, tw) = window, table_window
-    ys, xs = torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device), indexing="ij")
-    ys, xs = ys.flatten(), xs.flatten()  # (N,)
-    dy = ys[:, None] - ys[None, :] + th - 1  # (N, N) in [0, 2·th - 2]
-    dx = xs[:, None] - xs[None, :] + tw - 1
-    return dy * (2 * tw - 1) + dx
+    ys = torch.arange(window[0], device=device).repeat_interleave(window[1])  # (N,) row of each token
+    xs = torch.arange(window[1], device=device).repeat(window[0])  # (N,) column of each token
+    dy = ys[:, None] - ys[None, :] + table_window[0] - 1  # (N, N) in [0, 2·th - 2]
+    dx = xs[:, None] - xs[None, :] + table_window[1] - 1
+    return dy * (2 * table_window[1] - 1) + dx
+
+
+def _shift_regions(size: int, window: int, shift: int, device: torch.device | None) -> torch.Tensor:
+    """Region (0, 1 or 2) of each row (or column) of the shifted map, i.e. where it was before the cyclic shift:
+    Swin's SW-MSA slices [0, size - window), [size - window, size - shift), [size - shift, size). (size,) long."""
+    index = torch.arange(size, device=device)
+    if shift == 0:
+        return torch.zeros_like(index)
+    return (index >= size - window).long() + (index >= size - shift).long()
 
 
 def window_attention_mask(hw: tuple[int, int], window: tuple[int, int], shift: tuple[int, int],
-                          pad: tuple[int, int], device=None, dtype=torch.float32) -> torch.Tensor | None:
+                          pad: tuple[int, int], device: torch.device | None = None,
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     """Additive mask (num_windows, N, N) for attention within windows, or None when nothing is masked.
 
     The padded, cyclically shifted (H + pad_h, W + pad_w) map is split into windows; a key is masked (-100) for a
     query when the two come from different regions of the shift (Swin's SW-MSA mask) or when the key is padding.
     """
-    if not any(shift) and not any(pad):
+    if shift[0] == 0 and shift[1] == 0 and pad[0] == 0 and pad[1] == 0:
         return None
     H, W = hw[0] + pad[0], hw[1] + pad[1]
-    region = torch.zeros(H, W, device=device)
-    for i, rows in enumerate(_shift_slices(H, window[0], shift[0])):
-        for j, cols in enumerate(_shift_slices(W, window[1], shift[1])):
-            region[rows, cols] = i * 3 + j
+    region = (_shift_regions(H, window[0], shift[0], device)[:, None] * 3
+              + _shift_regions(W, window[1], shift[1], device)[None, :])  # (H, W)
     valid = torch.zeros(H, W, device=device)
     valid[:hw[0], :hw[1]] = 1.0
     valid = torch.roll(valid, shifts=(-shift[0], -shift[1]), dims=(0, 1))  # the same shift as the features
     region = timm_swin.window_partition(region[None, :, :, None], window).flatten(1)  # (nW, N)
     valid = timm_swin.window_partition(valid[None, :, :, None], window).flatten(1)  # (nW, N)
     masked = (region[:, None, :] != region[:, :, None]) | (valid[:, None, :] == 0)  # (nW, N query, N key)
-    return torch.zeros(masked.shape, device=device, dtype=dtype).masked_fill(masked, _MASK_VALUE)
-
-
-def _shift_slices(size: int, window: int, shift: int) -> tuple[slice, ...]:
-    """Rows (or columns) of the shifted map that came from one contiguous region before the cyclic shift."""
-    if not shift:
-        return (slice(0, size),)
-    return slice(0, size - window), slice(size - window, size - shift), slice(size - shift, size)
+    # -100: the official (and timm) Swin mask value; exp(-100) vanishes next to any unmasked logit
+    return torch.zeros(masked.shape, device=device, dtype=dtype).masked_fill(masked, -100.0)
 
 
 class WindowAttention(timm_swin.WindowAttention):
-    """timm's window attention (keys ``qkv``, ``proj``, ``relative_position_bias_table``) run on SDPA for any window.
+    """timm's window attention (keys ``qkv``, ``proj``, ``relative_position_bias_table``) for any window up to the
+    constructed one (a smaller window reads the bias table's central offsets); SDPA or the explicit path by
+    ``fused_attn``, as timm's.
 
-    ``forward(x, window, mask)``: x (B·nW, Wh·Ww, C) windows of size ``window`` (at most the constructed window),
-    mask (nW, N, N) additive or None.
+    ``forward(x, window, mask)``: x (B·nW, Wh·Ww, C) windows of size ``window`` (default: the constructed window),
+    mask (nW, N, N) additive or None; returns (B·nW, N, C).
     """
 
-    def forward(self, x: torch.Tensor, window: tuple[int, int] | None = None, mask: torch.Tensor | None = None,
-                return_attention: bool = False):
-        """Returns (B·nW, N, C), and with ``return_attention`` also the attention (B·nW, heads, N, N)."""
-        window = tuple(window or self.window_size)
-        B_, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B_, h, N, d)
-        bias = self._relative_position_bias(window, x.device)  # (h, N, N)
+    def forward(self, x: torch.Tensor, window: tuple[int, int] | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.fused_attn:
+            return self.forward_attention(x, window, mask)[0]
+        q, k, v, bias = self._qkv_bias(x, window, mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                             dropout_p=self.attn_drop.p if self.training else 0.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)))  # (B_, N, C)
+
+    def forward_attention(self, x: torch.Tensor, window: tuple[int, int] | None = None,
+                          mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The explicit path: (output (B·nW, N, C), attention probabilities (B·nW, heads, N, N))."""
+        q, k, v, bias = self._qkv_bias(x, window, mask)
+        attn = self.softmax((q * self.scale) @ k.transpose(-2, -1) + bias)  # (B_, h, N, N)
+        out = self.attn_drop(attn) @ v
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))), attn
+
+    def _qkv_bias(self, x: torch.Tensor, window: tuple[int, int] | None, mask: torch.Tensor | None):
+        """q, k, v (B_, h, N, d) and the additive bias (B_, h, N, N): relative positions plus ``mask``."""
+        B_, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self._relative_position_bias(self.window_size if window is None else window, x.device)  # (h, N, N)
         if mask is not None:
             num_win = mask.shape[0]
-            bias = (bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype))  # (nW, h, N, N)
+            bias = bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)  # (nW, h, N, N)
             bias = bias.unsqueeze(0).expand(B_ // num_win, -1, -1, -1, -1).reshape(B_, self.num_heads, N, N)
-        bias = bias.to(q.dtype)
-        if return_attention:
-            attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B_, h, N, N)
-            out = self.attn_drop(attn) @ v
-        else:
-            attn = None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                                 dropout_p=self.attn_drop.p if self.training else 0.0)
-        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B_, N, -1)))  # (B_, N, C)
-        return (out, attn) if return_attention else out
+        return q, k, v, bias.to(q.dtype)
 
-    def _relative_position_bias(self, window: tuple[int, int], device) -> torch.Tensor:
+    def _relative_position_bias(self, window: tuple[int, int], device: torch.device) -> torch.Tensor:
         """(heads, N, N) bias for a ``window`` (the full window uses timm's precomputed index)."""
-        if window == tuple(self.window_size):
+        if window[0] == self.window_size[0] and window[1] == self.window_size[1]:
             index = self.relative_position_index
         else:
-            index = relative_position_index(window, tuple(self.window_size), device=device)
+            index = relative_position_index(window, self.window_size, device=device)
         N = window[0] * window[1]
         return self.relative_position_bias_table[index.reshape(-1)].view(N, N, -1).permute(2, 0, 1)
 
 
+# One leaf for FX: window, shift and padding follow each input's (H, W). timm's SwinTransformerBlock differs: it fixes
+# them at construction and leaves padded keys unmasked, so it is not reused here.
+@register_notrace_module
 class FANSwinBlock(nn.Module):
     """Swin block (W-MSA or SW-MSA) whose MLP is FAN's channel processing; x (B, H, W, C) -> (B, H, W, C).
 
     x ← x + DropPath(WindowAttention(LN1 x)); x ← x + DropPath(CP(LN2 x, (H, W))) (Swin paper Eq. 3, with FAN's
     channel processing, arXiv 2204.12451 Sec. 4, for the MLP when ``channel_processing`` is set).
     """
+
+    __constants__ = ["channel_processing"]  # TorchScript compiles only the MLP call that applies
 
     def __init__(self, dim: int, num_heads: int, window_size: int | tuple[int, int] = 7, shifted: bool = False,
                  channel_processing: bool = True, mlp_ratio: float = 4.0, qkv_bias: bool = True,
@@ -155,6 +168,7 @@ class FANSwinBlock(nn.Module):
         super().__init__()
         self.window_size = to_2tuple(window_size)
         self.shifted = shifted
+        self.channel_processing = channel_processing
         self.norm1 = norm_layer(dim)
         self.attn = WindowAttention(dim, num_heads=num_heads, window_size=self.window_size, qkv_bias=qkv_bias,
                                     attn_drop=attn_drop, proj_drop=proj_drop)
@@ -168,36 +182,44 @@ class FANSwinBlock(nn.Module):
             self.mlp = Mlp(dim, hidden_features=hidden, act_layer=act_layer, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        """x (B, H, W, C) -> (B, H, W, C); with ``return_attention`` also the window attention
-        (B, heads, nW·N, N): the rows are the queries of the nW windows (N tokens each) in timm's window order over
-        the padded, shifted map, the columns the N keys of the query's own window (``.view(B, h, nW, N, N)``)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_attention(x, return_attention=False)[0]
+
+    def forward_attention(self, x: torch.Tensor,
+                          return_attention: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, H, W, C) -> (B, H, W, C) and, with ``return_attention``, the window attention
+        (B, heads, nW·N, N) from the explicit path: the rows are the queries of the nW windows (N tokens each) in
+        timm's window order over the padded, shifted map, the columns the N keys of the query's own window
+        (``.view(B, h, nW, N, N)``)."""
         B, H, W, C = x.shape
         y, attn = self._window_attention(self.norm1(x), return_attention)
         x = x + self.drop_path1(y)
         x = x.reshape(B, H * W, C)  # (B, N, C)
         y = self.norm2(x)
-        y = self.mlp(y, (H, W)) if isinstance(self.mlp, ChannelProcessing) else self.mlp(y)  # (B, N, C)
+        y = self.mlp(y, (H, W)) if self.channel_processing else self.mlp(y)  # (B, N, C)
         x = (x + self.drop_path2(y)).reshape(B, H, W, C)
-        return (x, attn) if return_attention else x
+        return x, attn
 
-    def _window_attention(self, x: torch.Tensor, return_attention: bool):
+    def _window_attention(self, x: torch.Tensor,
+                          return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, H, W, C = x.shape
         window, shift, pad = window_geometry((H, W), self.window_size, self.shifted)
         x = F.pad(x, (0, 0, 0, pad[1], 0, pad[0]))  # (B, Hp, Wp, C)
         Hp, Wp = H + pad[0], W + pad[1]
-        if any(shift):
+        shifted = shift[0] > 0 or shift[1] > 0
+        if shifted:
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
         windows = timm_swin.window_partition(x, window).view(-1, window[0] * window[1], C)  # (B·nW, N, C)
         mask = window_attention_mask((H, W), window, shift, pad, device=x.device)
-        out = self.attn(windows, window, mask, return_attention=return_attention)
-        attn = None
+        attn: torch.Tensor | None = None
         if return_attention:
-            out, attn = out
-            nW, h, N = attn.shape[0] // B, attn.shape[1], attn.shape[2]
-            attn = attn.view(B, nW, h, N, N).transpose(1, 2).reshape(B, h, nW * N, N)  # (B, heads, nW·N, N)
+            out, probs = self.attn.forward_attention(windows, window, mask)
+            nW, h, N = probs.shape[0] // B, probs.shape[1], probs.shape[2]
+            attn = probs.view(B, nW, h, N, N).transpose(1, 2).reshape(B, h, nW * N, N)  # (B, heads, nW·N, N)
+        else:
+            out = self.attn(windows, window, mask)
         x = timm_swin.window_reverse(out.view(-1, window[0], window[1], C), window, Hp, Wp)  # (B, Hp, Wp, C)
-        if any(shift):
+        if shifted:
             x = torch.roll(x, shifts=shift, dims=(1, 2))
         return x[:, :H, :W].contiguous(), attn
 
@@ -205,10 +227,10 @@ class FANSwinBlock(nn.Module):
 class FANSwin(timm_swin.SwinTransformer):
     """Swin Transformer with FAN channel processing (arXiv 2204.12451 Sec. 4).
 
-    Built as timm's ``SwinTransformer`` (so ``forward_features``/``forward_head``/``forward_intermediates``,
-    ``features_only``, ``group_matcher``, ``set_grad_checkpointing``, ``reset_classifier`` are timm's), with the
-    stages' blocks replaced by ``FANSwinBlock``. ``channel_processing[i]`` picks FAN channel processing (True) or
-    the plain MLP (False) in stage i; the official models use it in all stages but the last.
+    Built as timm's ``SwinTransformer`` (so ``forward_head``/``forward_intermediates``, ``features_only``,
+    ``group_matcher``, ``set_grad_checkpointing``, ``reset_classifier`` are timm's; ``forward_features`` adds the
+    input check), with the stages' blocks replaced by ``FANSwinBlock``. ``channel_processing[i]`` picks FAN channel
+    processing (True) or the plain MLP (False) in stage i; the official models use it in all stages but the last.
     """
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 4, in_chans: int = 3,
@@ -249,37 +271,26 @@ class FANSwin(timm_swin.SwinTransformer):
     @property
     def stride(self) -> int:
         """Input sides must be multiples of this: the patch size times one ×2 merge per later stage."""
-        return self.patch_size * 2 ** (len(self.layers) - 1)
+        return self.patch_size << (len(self.layers) - 1)
 
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise ``ValueError`` saying what was expected when x is not a usable (B, C, H, W) image batch."""
-        name = getattr(self, "pretrained_cfg", {}).get("architecture") or type(self).__name__
-        if x.ndim != 4:
-            raise InvalidArgumentError(f"{name} expects images (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
-        batch, chans, H, W = x.shape
-        if chans != self.in_chans:
-            raise InvalidArgumentError(f"{name} expects {self.in_chans} input channels, got {chans} (input shape "
-                             f"{tuple(x.shape)})")
-        if batch == 0:
-            raise InvalidArgumentError(
-                f"{name} got an empty batch (input shape {tuple(x.shape)}); pass at least one image")
-        if not x.is_floating_point():  # integer pixels (uint8 0..255) would run unnormalised or fail in the stem
-            raise InvalidArgumentError(
-                f"{name} expects float images, got {x.dtype}: convert and normalise them first (e.g. x.float() / 255, "
-                f"then the model's mean and std)")
-        if H % self.stride or W % self.stride:
-            raise InvalidArgumentError(f"{name} needs height and width divisible by its stride {self.stride} "
-                             f"(patch {self.patch_size} × 2^{len(self.layers) - 1} patch merges), got {H}×{W}")
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` after ``check_images`` (not compiled by TorchScript; one graph node under FX)."""
+        if not torch.jit.is_scripting():
+            name = getattr(self, "pretrained_cfg", {}).get("architecture") or type(self).__name__
+            x = check_images(x, self.in_chans, self.stride, name)
+        return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, H/stride, W/stride, num_features), normed (NHWC, as timm's Swin)."""
-        self.check_input(x)
-        return super().forward_features(x)
+        return self.norm(self.layers(self.patch_embed(self._check_input(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # timm's forward, restated here: FX wraps ``check_images`` only where the traced forward's module names it.
+        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
         """timm's ``forward_intermediates`` (NCHW stage outputs) after the input check."""
-        self.check_input(x)
-        return super().forward_intermediates(x, *args, **kwargs)
+        return super().forward_intermediates(self._check_input(x), *args, **kwargs)
 
     def set_input_size(self, *args, **kwargs) -> None:
         """Not needed: windows, shifts and masks follow each input (any side divisible by ``stride`` works)."""
@@ -294,13 +305,12 @@ class FANSwin(timm_swin.SwinTransformer):
         load_checkpoint(self, checkpoint_path)
 
     def _explicit(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        self.check_input(x)
         maps = {}
-        x = self.patch_embed(x)  # (B, H, W, C)
+        x = self.patch_embed(self._check_input(x))  # (B, H, W, C)
         for i, stage in enumerate(self.layers):
             x = stage.downsample(x)
             for j, block in enumerate(stage.blocks):
-                x, maps[f"layers.{i}.blocks.{j}"] = block(x, return_attention=True)
+                x, maps[f"layers.{i}.blocks.{j}"] = block.forward_attention(x)
         return self.norm(x), maps
 
     @torch.jit.ignore
@@ -339,19 +349,10 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: FANSwin) ->
     return out
 
 
-def _create_fan_swin(variant: str, pretrained: bool = False, **kwargs) -> FANSwin:
-    kwargs = use_ravit_loader(kwargs)
-    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (2, 2, 6, 2))))))
-    return build_model_with_cfg(FANSwin, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs)
-
-
+# --- registry -----------------------------------------------------------------------------------------------------
 def _cfg(**kwargs) -> dict:
-    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
-            "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
-            "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj", "classifier": "head.fc",
-            "custom_load": True,  # files given through pretrained_cfg_overlay go through ravit.load_checkpoint
-            "paper_ids": "arXiv:2204.12451", "origin_url": "https://github.com/NVlabs/FAN", **kwargs}
+    return fan_cfg(**{"crop_pct": 0.9, "pool_size": (7, 7), "first_conv": "patch_embed.proj", "classifier": "head.fc",
+                      **kwargs})
 
 
 # No FAN-Swin weights were released (NVlabs/FAN ee1b7df); load your own with pretrained_cfg_overlay=dict(file=...).
@@ -360,45 +361,46 @@ default_cfgs = generate_default_cfgs({
     "fan_swin_small_patch4_window7_224": _cfg(),
     "fan_swin_base_patch4_window7_224": _cfg(),
     "fan_swin_large_patch4_window7_224": _cfg(),
-    "test_fan_swin": _cfg(input_size=(3, 64, 64)),
+    "test_fan_swin": _cfg(input_size=(3, 64, 64), pool_size=(8, 8)),
 })
 
 
-def _args(kwargs: dict, **defaults) -> dict:
-    """Entry-point defaults, overridden by the caller's keyword arguments."""
-    return {**defaults, **kwargs}
+def _create_fan_swin(variant: str, pretrained: bool = False, **kwargs) -> FANSwin:
+    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (2, 2, 6, 2))))))
+    return build_fan(FANSwin, variant, pretrained, checkpoint_filter_fn,
+                     feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
 
 
 @register_model
 def fan_swin_tiny_patch4_window7_224(pretrained: bool = False, **kwargs) -> FANSwin:
     """FAN-Swin-T: Swin-T (96, depths 2-2-6-2) with channel processing in stages 1–3; 29.54M parameters."""
-    return _create_fan_swin("fan_swin_tiny_patch4_window7_224", pretrained, **_args(
-        kwargs, patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)))
+    model_args = dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+    return _create_fan_swin("fan_swin_tiny_patch4_window7_224", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def fan_swin_small_patch4_window7_224(pretrained: bool = False, **kwargs) -> FANSwin:
     """FAN-Swin-S: Swin-S (96, depths 2-2-18-2) with channel processing in stages 1–3; 53.06M parameters."""
-    return _create_fan_swin("fan_swin_small_patch4_window7_224", pretrained, **_args(
-        kwargs, patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)))
+    model_args = dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
+    return _create_fan_swin("fan_swin_small_patch4_window7_224", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def fan_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs) -> FANSwin:
     """FAN-Swin-B: Swin-B (128, depths 2-2-18-2) with channel processing in stages 1–3; 93.60M parameters."""
-    return _create_fan_swin("fan_swin_base_patch4_window7_224", pretrained, **_args(
-        kwargs, patch_size=4, window_size=7, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)))
+    model_args = dict(patch_size=4, window_size=7, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+    return _create_fan_swin("fan_swin_base_patch4_window7_224", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def fan_swin_large_patch4_window7_224(pretrained: bool = False, **kwargs) -> FANSwin:
     """FAN-Swin-L: Swin-L (192, depths 2-2-18-2) with channel processing in stages 1–3; 208.94M parameters."""
-    return _create_fan_swin("fan_swin_large_patch4_window7_224", pretrained, **_args(
-        kwargs, patch_size=4, window_size=7, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)))
+    model_args = dict(patch_size=4, window_size=7, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
+    return _create_fan_swin("fan_swin_large_patch4_window7_224", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def test_fan_swin(pretrained: bool = False, **kwargs) -> FANSwin:
     """Tiny FAN-Swin for fast tests (not an official model): 2 stages (channel processing, then MLP), window 4."""
-    return _create_fan_swin("test_fan_swin", pretrained, **_args(
-        kwargs, img_size=64, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2)))
+    model_args = dict(img_size=64, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2))
+    return _create_fan_swin("test_fan_swin", pretrained, **dict(model_args, **kwargs))
