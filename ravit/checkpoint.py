@@ -220,7 +220,9 @@ def _adapt_first_conv(state_dict: dict[str, torch.Tensor], model: nn.Module, own
         weight, target = state_dict[key], own[key].shape  # (out, in, kh, kw)
         if weight.shape[1] == target[1] or weight.shape[:1] + weight.shape[2:] != target[:1] + target[2:]:
             continue
-        state_dict[key] = adapt_input_conv(target[1], weight, base_chans=weight.shape[1])
+        # base_chans (a checkpoint with other than 3 input channels) exists from timm 1.0.29 on; the floor assumes 3
+        extra = {} if weight.shape[1] == 3 else {"base_chans": weight.shape[1]}
+        state_dict[key] = adapt_input_conv(target[1], weight, **extra)
         adapted.append(f"{key} {tuple(weight.shape)} -> {tuple(target)}")
     return adapted
 
