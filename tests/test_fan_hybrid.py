@@ -53,9 +53,11 @@ def test_parity_with_official(case):
     assert sum(p.numel() for p in model.parameters()) == spec["official_param_count"]
     assert set(model.state_dict()) == set(weights)  # the official keys, stem included, with nothing to rename
     ravit.load_checkpoint(model, path)
-    with torch.no_grad():
+    with torch.no_grad():  # the fused CPU inference path
         logits = model(tensors[spec["input"]])
         explicit = model.forward_explicit(tensors[spec["input"]])
+    reference = model(tensors[spec["input"]]).detach()  # autograd on: the reference modules
+    torch.testing.assert_close(reference, tensors[spec["logits"]], rtol=0, atol=1e-5)
     torch.testing.assert_close(logits, tensors[spec["logits"]], rtol=0, atol=1e-5)
     torch.testing.assert_close(explicit, tensors[spec["logits"]], rtol=0, atol=1e-5)
 

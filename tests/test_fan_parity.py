@@ -39,9 +39,10 @@ def test_parity_load_checkpoint(parity_dir, parity_manifest, case, tmp_path):
     assert sum(p.numel() for p in model.parameters()) == spec["official_param_count"]
     ravit.load_checkpoint(model, path)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad():  # the fused CPU inference path
         torch.testing.assert_close(model(images), logits, rtol=0, atol=1e-5)
         torch.testing.assert_close(model.forward_explicit(images), logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model(images).detach(), logits, rtol=0, atol=1e-5)  # autograd on: reference modules
 
 
 @pytest.mark.parametrize("case", VIT_CASES)

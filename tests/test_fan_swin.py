@@ -61,9 +61,11 @@ def test_parity_with_official(case):
     derived = window_attention_mask((grid, grid), window, shift, pad)
     assert derived is not None
     torch.testing.assert_close(derived, official_mask, rtol=0, atol=0)
-    with torch.no_grad():
+    with torch.no_grad():  # the fused CPU inference path
         logits = model(tensors[spec["input"]])
         explicit = model.forward_explicit(tensors[spec["input"]])
+    reference = model(tensors[spec["input"]]).detach()  # autograd on: the reference modules
+    torch.testing.assert_close(reference, tensors[spec["logits"]], rtol=0, atol=1e-5)
     torch.testing.assert_close(logits, tensors[spec["logits"]], rtol=0, atol=1e-5)
     torch.testing.assert_close(explicit, tensors[spec["logits"]], rtol=0, atol=1e-5)
 

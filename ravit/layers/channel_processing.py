@@ -12,6 +12,7 @@ from torch import nn
 
 from ravit.errors import InvalidArgumentError
 
+from .cpu_inference import fast_inference
 from .mlp import DWConvMlp
 
 __all__ = ["ChannelProcessing", "channel_attention_gate"]
@@ -57,4 +58,9 @@ class ChannelProcessing(nn.Module):
         gate = self.attn_drop(channel_attention_gate(self.q(x), x, self.temperature))  # (B, 1, C)
         v = self.norm_v(self.mlp_v(x, hw))  # (B, N, C)
         scale = gate if out_scale is None else gate * out_scale
-        return v * scale if residual is None else torch.addcmul(residual, v, scale)
+        if residual is None:
+            return v * scale
+        if not torch.jit.is_scripting():  # TorchScript compiles only the reference path below
+            if fast_inference(v, self.training):
+                return torch.addcmul(residual, v, scale, out=v)  # v is this call's own buffer: reuse it
+        return torch.addcmul(residual, v, scale)

@@ -7,12 +7,16 @@ p8 = 3 → C/4 → C/2 → C (both timm's), p4 = 3 → C/4 → C. Keys ``proj.{0
 
 from __future__ import annotations
 
+import torch
 from timm.layers import to_2tuple
 from timm.models.xcit import ConvPatchEmbed as XCiTConvPatchEmbed
 from timm.models.xcit import conv3x3
 from torch import nn
 
 from ravit.errors import InvalidArgumentError
+
+from .cpu_inference import conv_act, fast_inference
+from .dwconv import map_to_tokens
 
 __all__ = ["ConvPatchEmbed"]
 
@@ -35,3 +39,29 @@ class ConvPatchEmbed(XCiTConvPatchEmbed):
         self.in_chans = in_chans
         self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, in_chans, H, W) -> tokens (B, N, C), grid (H/p, W/p)."""
+        if not torch.jit.is_scripting():  # TorchScript compiles only the reference path below
+            if fast_inference(x, self.training) and self._fusable():
+                return self._forward_fused(x)
+        x = self.proj(x)  # (B, C, H/p, W/p); timm's forward, spelled out because TorchScript has no super()
+        return x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3])
+
+    @torch.jit.ignore
+    def _fusable(self) -> bool:
+        """Every stage conv → BatchNorm (running statistics), with erf GELU between stages."""
+        stages = [m for i, m in enumerate(self.proj) if i % 2 == 0]
+        acts = [m for i, m in enumerate(self.proj) if i % 2 == 1]
+        return (all(isinstance(m, nn.Sequential) and m[1].track_running_stats for m in stages)
+                and all(isinstance(a, nn.GELU) and a.approximate == "none" for a in acts))
+
+    @torch.jit.ignore
+    def _forward_fused(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Inference: each stage one channels-last oneDNN conv with its BatchNorm folded and the following GELU as
+        post-op (``cpu_inference``): one fresh map per stage instead of three."""
+        last = len(self.proj) - 1
+        for i in range(0, len(self.proj), 2):
+            conv, bn = self.proj[i]
+            x = conv_act(x, conv, bn, act="gelu" if i < last else "none")  # (B, C_i, H_i, W_i), channels-last
+        return map_to_tokens(x), (x.shape[2], x.shape[3])  # (B, N, C): a view, contiguous

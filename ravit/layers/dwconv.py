@@ -13,6 +13,8 @@ from torch import nn
 
 from ravit.errors import InvalidArgumentError
 
+from .cpu_inference import bn_scale_shift, conv_act, fast_inference
+
 __all__ = ["DWConv", "tokens_to_map", "map_to_tokens"]
 
 
@@ -47,7 +49,13 @@ class DWConv(nn.Module):
         self.bn = nn.BatchNorm2d(dim)
         self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=padding, groups=dim)
 
-    def forward(self, x: torch.Tensor, hw: tuple[int, int], out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], out_scale: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, C) tokens on an (H, W) grid -> (B, N, C); with ``residual`` (B, N, C) the result is
+        ``DWConv(x)·out_scale + residual``."""
+        if not torch.jit.is_scripting():  # TorchScript compiles only the reference path below
+            if fast_inference(x, self.training) and self._fusable():
+                return self._forward_fused(x, hw, out_scale, residual)
         # Convs see (B, C, H, W) maps with channels-last strides (oneDNN's fast depthwise path); the elementwise GELU
         # and BatchNorm run on the same memory viewed as contiguous (B, N, C) tokens, their fastest layout.
         x = map_to_tokens(self.conv1(tokens_to_map(x.contiguous(), hw)))  # (B, N, C)
@@ -63,5 +71,21 @@ class DWConv(nn.Module):
         if out_scale is not None:
             weight = weight * out_scale.view(-1, 1, 1, 1)
             bias = bias * out_scale if bias is not None else None
-        x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        return map_to_tokens(x)  # (B, N, C)
+        x = map_to_tokens(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
+        return x if residual is None else x + residual  # (B, N, C)
+
+    @torch.jit.ignore
+    def _fusable(self) -> bool:
+        """oneDNN's GELU post-op is the erf GELU; folding needs BatchNorm's running statistics."""
+        return isinstance(self.act, nn.GELU) and self.act.approximate == "none" and self.bn.track_running_stats
+
+    @torch.jit.ignore
+    def _forward_fused(self, x: torch.Tensor, hw: tuple[int, int], out_scale: torch.Tensor | None,
+                       residual: torch.Tensor | None) -> torch.Tensor:
+        """Inference: conv1 with GELU as its post-op, BatchNorm in place, conv2 with ``out_scale`` folded, the
+        residual added in place (``cpu_inference``); two fresh (B, N, C) buffers instead of five."""
+        x = conv_act(tokens_to_map(x.contiguous(), hw), self.conv1, act="gelu")  # (B, C, H, W), channels-last
+        scale, shift = bn_scale_shift(self.bn)
+        x = torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1), out=x)
+        x = map_to_tokens(conv_act(x, self.conv2, out_scale=out_scale))  # (B, N, C), a view of fresh memory
+        return x if residual is None else x.add_(residual)

@@ -47,8 +47,12 @@ class DWConvMlp(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         h = self.fc1(x)  # (B, N, hidden)
-        y = self.drop(self.dwconv(h, hw, out_scale=self.gamma))  # γ ⊙ DWConv(h), γ folded into the conv
-        x = self.drop(self.fc2(y + h if self.dwconv_residual else y))  # (B, N, out)
+        if self.dwconv_residual and not (self.training and self.drop.p > 0):  # no dropout between: add inside DWConv
+            y = self.dwconv(h, hw, out_scale=self.gamma, residual=h)  # h + γ ⊙ DWConv(h), γ folded into the conv
+        else:
+            y = self.drop(self.dwconv(h, hw, out_scale=self.gamma))
+            y = y + h if self.dwconv_residual else y
+        x = self.drop(self.fc2(y))  # (B, N, out)
         if self.se is not None:
             x = map_to_tokens(self.se(tokens_to_map(x.contiguous(), hw)))
         return x

@@ -15,6 +15,8 @@ from torch import nn
 
 from ravit.errors import InvalidArgumentError
 
+from .cpu_inference import fast_inference
+
 __all__ = ["TokenMixing"]
 
 
@@ -37,11 +39,12 @@ class TokenMixing(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, C) -> (B, N, C).
 
         ``out_scale`` (C,) multiplies the output; it is folded into the projection (the block's LayerScale γ1 costs
-        no extra pass over the tokens).
+        no extra pass over the tokens). With ``residual`` (B, N, C) the result is ``residual + output``.
         """
         B, N, C = x.shape
         h = self.num_heads
@@ -56,4 +59,10 @@ class TokenMixing(nn.Module):
         weight, bias = self.proj.weight, self.proj.bias
         if out_scale is not None:
             weight, bias = weight * out_scale[:, None], bias * out_scale
-        return self.proj_drop(F.linear(x, weight, bias))
+        x = self.proj_drop(F.linear(x, weight, bias))  # (B, N, C)
+        if residual is None:
+            return x
+        if not torch.jit.is_scripting():  # TorchScript compiles only the reference path below
+            if fast_inference(x, self.training):
+                return x.add_(residual)  # the projection's output is this call's own buffer: reuse it
+        return residual + x

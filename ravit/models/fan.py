@@ -75,7 +75,7 @@ class FANBlock(nn.Module):
     paper's SE-MLP ablation.
     """
 
-    __constants__ = ["fused_cp"]  # TorchScript compiles only the branch taken
+    __constants__ = ["fused_attn_skip", "fused_cp"]  # TorchScript compiles only the branches taken
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False, drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path: float = 0.0, eta: float = 1.0, se_mlp: bool = False,
@@ -93,13 +93,18 @@ class FANBlock(nn.Module):
         self.gamma1 = nn.Parameter(eta * torch.ones(dim))
         self.gamma2 = nn.Parameter(eta * torch.ones(dim))
         self.downsample = OverlapPatchEmbed(dim, out_dim) if out_dim is not None and out_dim != dim else None
-        # Without stochastic depth, channel processing takes γ2 and the skip connection into its last multiply.
-        self.fused_cp = not se_mlp and isinstance(self.drop_path, nn.Identity)
+        # Without stochastic depth the skip connections join inside the branches' last ops: token mixing adds x to
+        # its projection, channel processing takes γ2 and x into its last multiply.
+        self.fused_attn_skip = isinstance(self.drop_path, nn.Identity)
+        self.fused_cp = not se_mlp and self.fused_attn_skip
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, N, C), (H, W) -> ((B, N', C'), (H', W'))."""
         # The LayerScale γ's are folded into the branches' last linear maps (same function, fewer passes).
-        x = x + self.drop_path(self.attn(self.norm1(x), out_scale=self.gamma1))
+        if self.fused_attn_skip:
+            x = self.attn(self.norm1(x), out_scale=self.gamma1, residual=x)
+        else:
+            x = x + self.drop_path(self.attn(self.norm1(x), out_scale=self.gamma1))
         if self.fused_cp:
             x = self.mlp(self.norm2(x), hw, out_scale=self.gamma2, residual=x)
         else:

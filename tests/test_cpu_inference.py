@@ -1,0 +1,108 @@
+"""The fused CPU inference path (ravit.layers.cpu_inference) computes the reference function: same logits within fp32
+rounding on every FAN family, taken only where no gradient can flow, never touching the caller's tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import ravit
+from ravit.layers.cpu_inference import fast_inference
+
+FUSED_OP = "mkldnn::_convolution_pointwise"
+CASES = [
+    ("test_fan_vit", {}),
+    ("test_fan_vit", dict(patch_size=8)),
+    ("test_fan_vit", dict(patch_size=4)),
+    ("test_fan_vit_downsample", {}),
+    ("test_fan_vit", dict(se_mlp=True)),
+    ("test_fan_hybrid", {}),
+    ("test_fan_swin", {}),
+]
+
+
+def _model(name: str, kwargs: dict) -> nn.Module:
+    torch.manual_seed(0)
+    model = ravit.create_model(name, **kwargs).eval()
+    with torch.no_grad():  # move every BatchNorm off its initial statistics so a wrong fold cannot hide
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_(1, 0.3)
+                module.bias.normal_(0, 0.3)
+    return model
+
+
+def _ops(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.name for event in prof.events()}
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=lambda v: str(v))
+def test_fused_path_equals_reference(name, kwargs):
+    model = _model(name, kwargs)
+    images = torch.randn(3, 3, 64, 64) if name != "test_fan_swin" else torch.randn(3, 3, 224, 224)
+    reference = model(images).detach()  # autograd on: the reference modules
+    with torch.inference_mode():
+        fused = model(images)
+        assert FUSED_OP in _ops(lambda: model(images))
+    assert FUSED_OP not in _ops(lambda: model(images))
+    torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), reference, rtol=0, atol=1e-5)
+
+
+def test_fused_path_leaves_inputs_untouched():
+    """In-place work only ever lands in buffers a call made itself."""
+    model = _model("test_fan_vit", {})
+    images = torch.randn(2, 3, 64, 64)
+    tokens = torch.randn(2, 16, 32)
+    saved_images, saved_tokens = images.clone(), tokens.clone()
+    block = model.blocks[0]
+    with torch.inference_mode():
+        model(images)
+        first = block(tokens, (4, 4))[0].clone()
+        second = block(tokens, (4, 4))[0]
+        mlp = block.mlp.mlp_v
+        mlp(tokens, (4, 4))
+    torch.testing.assert_close(images, saved_images, rtol=0, atol=0)
+    torch.testing.assert_close(tokens, saved_tokens, rtol=0, atol=0)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+def test_gate():
+    x = torch.randn(2, 3)
+    with torch.inference_mode():
+        assert fast_inference(torch.randn(2, 3), training=False)
+        assert not fast_inference(torch.randn(2, 3), training=True)
+        assert not fast_inference(torch.zeros(2, 3, dtype=torch.int64), training=False)
+    with torch.no_grad():
+        assert fast_inference(x, training=False)
+    assert not fast_inference(x, training=False)  # autograd on: gradients may be asked for
+    graph = torch.fx.Graph()
+    assert not fast_inference(torch.fx.Proxy(graph.placeholder("x")), training=False)
+
+
+def test_training_and_grad_take_the_reference_path():
+    model = _model("test_fan_vit", {})
+    images = torch.randn(2, 3, 64, 64, requires_grad=True)
+    assert FUSED_OP not in _ops(lambda: model(images).sum().backward())
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    model.train()
+    with torch.no_grad():
+        assert FUSED_OP not in _ops(lambda: model(images))
+
+
+def test_bf16_autocast_runs_fused():
+    """Under CPU bf16 autocast the fused convs run in bf16 and agree with fp32 to bf16 precision."""
+    model = _model("test_fan_vit", {})
+    images = torch.randn(4, 3, 64, 64)
+    with torch.inference_mode():
+        reference = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert FUSED_OP in _ops(lambda: model(images))
+            low = model(images).float()
+    assert (low - reference).abs().max() < 0.1 * reference.abs().max()
