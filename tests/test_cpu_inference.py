@@ -106,3 +106,45 @@ def test_bf16_autocast_runs_fused():
             assert FUSED_OP in _ops(lambda: model(images))
             low = model(images).float()
     assert (low - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def _fmnist_or_skip():
+    from ravit.data import ModelInput, open_data
+
+    model = ravit.create_model("fmnist_fan_p4", pretrained=True).eval()
+    try:
+        open_data("fashion-mnist", "test", None, ModelInput.from_model(model).transform())
+    except FileNotFoundError as err:
+        pytest.skip(f"Fashion-MNIST not installed: {err}")
+    return model
+
+
+def test_eval_bf16_flag(tmp_path):
+    """``ravit eval --bf16`` scores under bf16 autocast, says so in eval.json, and stays within bf16 of fp32."""
+    import json
+
+    from ravit.cli import main
+
+    _fmnist_or_skip()
+    results = {}
+    for flag in ([], ["--bf16"]):
+        out = tmp_path / ("bf16" if flag else "fp32")
+        assert main(["eval", "fmnist_fan_p4", "--pretrained", "--limit", "300", "--output", str(out), *flag]) == 0
+        results[bool(flag)] = json.loads((out / "eval.json").read_text())
+    assert results[False]["precision"] == "fp32" and results[True]["precision"] == "bf16"
+    assert abs(results[True]["top1"] - results[False]["top1"]) <= 1.0  # 3 of 300 images at most
+
+
+def test_robustness_bf16_runs_the_model_only_in_bf16():
+    """The corruptions are computed in fp32 either way (same images); only the model's forward changes precision."""
+    from ravit.data import ModelInput
+    from ravit.robustness.evaluate import evaluate_corruptions, image_dataset
+
+    model = _fmnist_or_skip()
+    dataset = image_dataset("fashion-mnist", ModelInput.from_model(model), "test")
+    runs = {bf16: evaluate_corruptions(model, dataset, ["fog", "gaussian_noise"], [3], limit=64, batch_size=32,
+                                       progress=False, bf16=bf16) for bf16 in (False, True)}
+    assert runs[False].meta["precision"] == "fp32" and runs[True].meta["precision"] == "bf16"
+    for c in ("fog", "gaussian_noise"):
+        low, full = runs[True].counts[c][3][0], runs[False].counts[c][3][0]
+        assert abs(low - full) <= 3

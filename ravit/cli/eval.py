@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from ravit.cli._args import (
+    add_bf16_argument,
     add_count_argument,
     add_data_arguments,
     add_device_argument,
@@ -49,6 +50,7 @@ def register(subparsers) -> None:
     add_count_argument(parser, "--batch-size", 256, "images per batch")
     add_count_argument(parser, "--workers", 0, "data loader workers", least=0)
     add_device_argument(parser)
+    add_bf16_argument(parser)
     add_output_argument(parser, "eval")
     parser.set_defaults(func=run)
 
@@ -153,7 +155,8 @@ def run(args) -> int:
     top5 = 0
     with torch.no_grad():
         for images, targets in tqdm(loader, desc=f"eval {name}", leave=False):
-            logits = model(images.to(device)).cpu()  # (B, num_classes)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                logits = model(images.to(device)).float().cpu()  # (B, num_classes)
             hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices.eq(targets[:, None])  # (B, 5)
             correct += torch.bincount(targets[hits[:, 0]], minlength=len(classes))
             seen += torch.bincount(targets, minlength=len(classes))
@@ -172,6 +175,7 @@ def run(args) -> int:
         "checkpoint": args.checkpoint,
         "pretrained": args.pretrained,
         "use_ema": args.use_ema,
+        "precision": "bf16" if args.bf16 else "fp32",
         "per_class": per_class,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "per_class"}))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from ravit.cli._args import (
+    add_bf16_argument,
     add_count_argument,
     add_data_arguments,
     add_device_argument,
@@ -50,6 +51,7 @@ def register(subparsers) -> None:
     add_count_argument(p, "--workers", 0, "data loader workers", least=0)
     p.add_argument("--seed", type=int, default=0, help="seeds the corruptions (and random weights)")
     add_device_argument(p)
+    add_bf16_argument(p)
     p.add_argument("--mce-baseline", default="alexnet",
                    help="errors an mCE divides by: 'alexnet' (AlexNet's ImageNet-C table, averaged over severities "
                    "1-5) or another model's robustness.json (per severity)")
@@ -90,7 +92,7 @@ def run(args) -> int:
         model = build_model(args, seed=args.seed)  # seeded: every rank builds the same weights when none are loaded
         spec = model_input(model, args.data, args.pretrained)
         common = dict(name=args.model, batch_size=args.batch_size, limit=args.limit, device=device,
-                      workers=args.workers, spec=spec)
+                      workers=args.workers, spec=spec, bf16=args.bf16)
         if args.benchmark == "corrupt":
             dataset = image_dataset(args.data, spec, args.split, args.data_dir)
             result = evaluate_corruptions(model, dataset, names, args.severities, seed=args.seed, **common)

@@ -60,7 +60,7 @@ class ChannelProcessing(nn.Module):
         scale = gate if out_scale is None else gate * out_scale
         if residual is None:
             return v * scale
-        if not torch.jit.is_scripting():  # TorchScript compiles only the reference path below
+        if not torch.jit.is_scripting():  # noqa: SIM102 (nested: TorchScript then compiles only the reference path)
             if fast_inference(v, self.training):
                 return torch.addcmul(residual, v, scale, out=v)  # v is this call's own buffer: reuse it
         return torch.addcmul(residual, v, scale)

@@ -42,7 +42,7 @@ class ConvPatchEmbed(XCiTConvPatchEmbed):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, in_chans, H, W) -> tokens (B, N, C), grid (H/p, W/p)."""
-        if not torch.jit.is_scripting():  # TorchScript compiles only the reference path below
+        if not torch.jit.is_scripting():  # noqa: SIM102 (nested: TorchScript then compiles only the reference path)
             if fast_inference(x, self.training) and self._fusable():
                 return self._forward_fused(x)
         x = self.proj(x)  # (B, C, H/p, W/p); timm's forward, spelled out because TorchScript has no super()

@@ -53,7 +53,7 @@ class DWConv(nn.Module):
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N, C) tokens on an (H, W) grid -> (B, N, C); with ``residual`` (B, N, C) the result is
         ``DWConv(x)·out_scale + residual``."""
-        if not torch.jit.is_scripting():  # TorchScript compiles only the reference path below
+        if not torch.jit.is_scripting():  # noqa: SIM102 (nested: TorchScript then compiles only the reference path)
             if fast_inference(x, self.training) and self._fusable():
                 return self._forward_fused(x, hw, out_scale, residual)
         # Convs see (B, C, H, W) maps with channels-last strides (oneDNN's fast depthwise path); the elementwise GELU

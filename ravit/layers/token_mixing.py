@@ -62,7 +62,7 @@ class TokenMixing(nn.Module):
         x = self.proj_drop(F.linear(x, weight, bias))  # (B, N, C)
         if residual is None:
             return x
-        if not torch.jit.is_scripting():  # TorchScript compiles only the reference path below
+        if not torch.jit.is_scripting():  # noqa: SIM102 (nested: TorchScript then compiles only the reference path)
             if fast_inference(x, self.training):
                 return x.add_(residual)  # the projection's output is this call's own buffer: reuse it
         return residual + x

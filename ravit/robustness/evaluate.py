@@ -254,8 +254,11 @@ def _loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
 
 
 @torch.inference_mode()
-def _predict(model: nn.Module, spec: ModelInput, images: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    logits = model(spec.normalize(images))
+def _predict(model: nn.Module, spec: ModelInput, images: torch.Tensor, mask: torch.Tensor | None,
+             bf16: bool = False) -> torch.Tensor:
+    """Predicted classes; with ``bf16`` the model (only: never the corruption) runs under bf16 autocast."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(spec.normalize(images))
     if mask is not None:
         logits = logits[:, mask.to(logits.device)]
     return logits.argmax(-1)
@@ -313,13 +316,15 @@ def evaluate_corruptions(
     workers: int = 0,
     progress: bool = True,
     spec: ModelInput | None = None,
+    bf16: bool = False,
 ) -> RobustnessResult:
     """Clean accuracy and accuracy under each (corruption, severity), corrupting ``dataset`` on the fly.
 
     ``dataset`` yields ((C, H, W) float in [0, 1], label) at the model's input size (see ``image_dataset``); its
     ``classes`` are matched to the model's by name. Each image's corruption is seeded from (seed, its index in
     ``dataset``, corruption, severity) with a generator on ``device``, so counts do not depend on the batch size or
-    the number of ranks. ``spec`` normalises the images (default: ``ModelInput.from_model(model)``).
+    the number of ranks. ``spec`` normalises the images (default: ``ModelInput.from_model(model)``). ``bf16`` runs
+    the model (not the corruptions) under bf16 autocast.
     """
     conds = _conditions(corruptions, severities)
     _check_run(batch_size, limit, workers)
@@ -334,29 +339,30 @@ def evaluate_corruptions(
     for b, (images, labels) in enumerate(tqdm(loader, desc="robustness", disable=not progress or rank != 0)):
         images, labels = images.to(device), labels.to(device)
         index = shard.indices[b * batch_size : b * batch_size + len(labels)]  # positions in ``dataset``
-        counts[0] += torch.tensor([int((_predict(model, spec, images, None) == labels).sum()), len(labels)])
+        counts[0] += torch.tensor([int((_predict(model, spec, images, None, bf16) == labels).sum()), len(labels)])
         for i, (c, s) in enumerate(conds, start=1):
             gens = image_generators(seed, index, c, s, images.device)
-            pred = _predict(model, spec, corrupt(images, c, s, gens), None)
+            pred = _predict(model, spec, corrupt(images, c, s, gens), None, bf16)
             counts[i] += torch.tensor([int((pred == labels).sum()), len(labels)])
     counts = _gather(counts)
     result = RobustnessResult(name, "corrupt", (int(counts[0, 0]), int(counts[0, 1])))
     for (c, s), (k, n) in zip(conds, counts[1:].tolist(), strict=True):
         result.counts.setdefault(c, {})[s] = (k, n)
-    result.meta.update(seed=seed, limit=limit, input=list(spec.size), in_chans=spec.in_chans)
+    result.meta.update(seed=seed, limit=limit, input=list(spec.size), in_chans=spec.in_chans,
+                       precision="bf16" if bf16 else "fp32")
     return result
 
 
 def _score_folder(
     model: nn.Module, dataset: Dataset, spec: ModelInput, mask: torch.Tensor | None, batch_size: int, limit: int | None,
-    device, workers: int, desc: str, progress: bool,
+    device, workers: int, desc: str, progress: bool, bf16: bool,
 ) -> torch.Tensor:
     correct = total = 0
     rank, _ = _rank_world()
     for images, labels in tqdm(_loader(_shard(dataset, limit), batch_size, workers), desc=desc,
                                disable=not progress or rank != 0, leave=False):
         images, labels = images.to(device), labels.to(device)
-        correct += int((_predict(model, spec, images, mask) == labels).sum())
+        correct += int((_predict(model, spec, images, mask, bf16) == labels).sum())
         total += len(labels)
     return torch.tensor([correct, total])
 
@@ -380,10 +386,11 @@ def evaluate_imagenet_c(
     workers: int = 0,
     progress: bool = True,
     spec: ModelInput | None = None,
+    bf16: bool = False,
 ) -> RobustnessResult:
     """Accuracy on ``<root>/<corruption>/<severity>/`` ImageFolders (all 19 x 5 by default), plus clean accuracy on
     ``clean_root`` if given. Every folder is checked before any is scored, so a missing one fails fast. ``spec``:
-    the model's input (default: ``ModelInput.from_model(model)``)."""
+    the model's input (default: ``ModelInput.from_model(model)``); ``bf16``: the model under bf16 autocast."""
     conds = _conditions(corruptions, severities)
     _check_run(batch_size, limit, workers)
     folders = [imagenet_c_folder(root, c, s) for c, s in conds]
@@ -395,18 +402,19 @@ def evaluate_imagenet_c(
     counts = torch.zeros(len(conds) + 1, 2, dtype=torch.long)
     if clean_root is not None:
         counts[0] = _score_folder(model, _folder(clean_root, spec, clean_labels), spec, None, batch_size, limit,
-                                  device, workers, "clean", progress)
+                                  device, workers, "clean", progress, bf16)
     rank, _ = _rank_world()
     for i, ((c, s), folder, lab) in enumerate(tqdm(list(zip(conds, folders, labels, strict=True)),
                                                    desc="imagenet-c", disable=not progress or rank != 0), start=1):
         counts[i] = _score_folder(model, _folder(folder, spec, lab), spec, None, batch_size, limit, device, workers,
-                                  f"{c}/{s}", progress)
+                                  f"{c}/{s}", progress, bf16)
     counts = _gather(counts)
     clean = (int(counts[0, 0]), int(counts[0, 1])) if clean_root is not None else None
     result = RobustnessResult(name, "imagenet-c", clean)
     for (c, s), (k, n) in zip(conds, counts[1:].tolist(), strict=True):
         result.counts.setdefault(c, {})[s] = (k, n)
-    result.meta.update(root=str(root), clean_root=None if clean_root is None else str(clean_root), limit=limit)
+    result.meta.update(root=str(root), clean_root=None if clean_root is None else str(clean_root), limit=limit,
+                       precision="bf16" if bf16 else "fp32")
     return result
 
 
@@ -422,9 +430,11 @@ def evaluate_folder(
     workers: int = 0,
     progress: bool = True,
     spec: ModelInput | None = None,
+    bf16: bool = False,
 ) -> RobustnessResult:
     """Top-1 on an ImageFolder: 'imagenet-a' / 'imagenet-r' (logits masked to their 200 classes), 'sketch' or any
-    'folder' whose classes match the model's. ``spec``: the model's input (default: ``ModelInput.from_model(model)``).
+    'folder' whose classes match the model's. ``spec``: the model's input (default: ``ModelInput.from_model(model)``);
+    ``bf16``: the model under bf16 autocast.
     """
     if benchmark not in ("imagenet-a", "imagenet-r", "sketch", "folder"):
         raise InvalidArgumentError(f"unknown benchmark {benchmark!r}; valid: imagenet-a, imagenet-r, sketch, folder")
@@ -438,7 +448,8 @@ def evaluate_folder(
         labels = _folder_labels(root, model)
     model = model.to(device).eval()
     counts = _gather(_score_folder(model, _folder(root, spec, labels), spec, class_mask(benchmark), batch_size, limit,
-                                   device, workers, benchmark, progress)[None])
+                                   device, workers, benchmark, progress, bf16)[None])
     result = RobustnessResult(name, benchmark, (int(counts[0, 0]), int(counts[0, 1])))
-    result.meta.update(root=str(root), limit=limit, masked_classes=benchmark in ("imagenet-a", "imagenet-r"))
+    result.meta.update(root=str(root), limit=limit, masked_classes=benchmark in ("imagenet-a", "imagenet-r"),
+                       precision="bf16" if bf16 else "fp32")
     return result
