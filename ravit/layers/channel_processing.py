@@ -12,7 +12,7 @@ from torch import nn
 
 from ravit.errors import InvalidArgumentError
 
-from .cpu_inference import fast_inference
+from .cpu_inference import Linear, fast_inference
 from .mlp import DWConvMlp
 
 __all__ = ["ChannelProcessing", "channel_attention_gate"]
@@ -45,7 +45,7 @@ class ChannelProcessing(nn.Module):
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
         self.mlp_v = DWConvMlp(dim, int(dim * mlp_ratio), drop=drop, dwconv_residual=dwconv_residual)
         self.norm_v = nn.LayerNorm(dim)  # default eps 1e-5, as released (the rest of FAN uses 1e-6)
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.q = Linear(dim, dim, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int], out_scale: torch.Tensor | None = None,

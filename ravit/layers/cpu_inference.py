@@ -1,4 +1,4 @@
-"""CPU inference path of FAN's convolutions: BatchNorm folded into the conv, GELU fused into it, residuals in place.
+"""CPU inference path of FAN: BatchNorm folded into the convs, GELU and biases fused, skip connections in place.
 
 FAN (arXiv 2204.12451) Sec. 3 puts convolutions where a plain ViT has none: the patch-embedding stem (conv → BN → GELU,
 three times) and the depthwise conv → GELU → BN → depthwise conv inside every block's MLP. In eval mode with autograd
@@ -7,18 +7,21 @@ the convolution's post-op (``torch.ops.mkldnn._convolution_pointwise``, the fuse
 emits for CPU), and the residual additions can reuse buffers that nothing else holds. On a CPU that halves the
 elementwise passes over the block's widest tensor and, above all, the large fresh allocations, whose first-touch page
 faults cost more than the arithmetic on a 2-core machine (measured: a fresh 4 MB tensor costs about 1 ms of faults,
-copying into a warm one 0.07 ms). Outputs stay within fp32 rounding of the reference path (max |Δlogit| ~1e-6).
+copying into a warm one 0.07 ms). The linear layers take oneDNN's matmul with the bias (and, for the attention
+projection, the skip connection) as post-ops (``torch.ops.mkldnn._linear_pointwise``), where MKL's ``addmm`` first
+copies the broadcast bias into its output. Outputs stay within fp32 rounding of the reference path (~1e-6).
 
-timm and torch have no eager fused conv+BN+GELU layer, hence these few functions; everything else runs the reference
-modules. ``fast_inference`` decides per call: only where no gradient can flow, BatchNorm uses its running statistics,
-the input lives on a CPU with oneDNN, and the code is neither scripted, FX-traced nor compiled (those see the
-reference path and do their own fusion).
+timm and torch have no eager fused conv+BN+GELU layer or bias-fused linear, hence these few functions; everything
+else runs the reference modules. ``fast_inference`` decides per call: only where no gradient can flow, BatchNorm uses
+its running statistics, the input lives on a CPU with oneDNN, and the code is neither scripted, FX-traced nor
+compiled (those see the reference path and do their own fusion).
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["bn_scale_shift", "conv_act", "fast_inference"]
+__all__ = ["Linear", "bn_scale_shift", "conv_act", "fast_inference", "linear"]
 
 
 @torch.jit.ignore  # TorchScript never takes this path (callers check torch.jit.is_scripting() first)
@@ -58,10 +61,37 @@ def conv_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None,
     if out_scale is not None:
         weight = weight * out_scale.view(-1, 1, 1, 1)
         bias = bias * out_scale if bias is not None else None
-    dtype = _compute_dtype(x)
-    if dtype != x.dtype or dtype != weight.dtype:  # autocast: every operand in its dtype (each .to is one more op)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    x, weight, bias = _operands(x, weight, bias)
     return torch.ops.mkldnn._convolution_pointwise(x.contiguous(memory_format=torch.channels_last), weight, bias,
                                                    conv.padding, conv.stride, conv.dilation, conv.groups, act, [],
                                                    "none")
+
+
+def _operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """x, weight, bias in the dtype the op would run in (see ``_compute_dtype``)."""
+    dtype = _compute_dtype(x)
+    if dtype != x.dtype or dtype != weight.dtype:
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    return x, weight, bias
+
+
+@torch.jit.ignore
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias) [+ residual]`` as one oneDNN matmul with the bias (and the residual addition)
+    fused; x (..., in), residual (..., out) -> (..., out)."""
+    x, weight, bias = _operands(x, weight, bias)
+    if residual is None:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual.to(x.dtype), weight, bias, "add")
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and keys) that runs ``linear`` where ``fast_inference`` allows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # noqa: SIM102 (nested: TorchScript then compiles only F.linear)
+            if fast_inference(x, self.training):
+                return linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)

@@ -16,6 +16,7 @@ from timm.layers import make_divisible
 from timm.models._efficientnet_blocks import SqueezeExcite
 from torch import nn
 
+from .cpu_inference import Linear
 from .dwconv import DWConv, map_to_tokens, tokens_to_map
 
 __all__ = ["DWConvMlp", "squeeze_excite"]
@@ -37,10 +38,10 @@ class DWConvMlp(nn.Module):
         super().__init__()
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.dwconv = DWConv(hidden_features)
         self.gamma = nn.Parameter(torch.ones(hidden_features))
-        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.fc2 = Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop)
         self.dwconv_residual = dwconv_residual
         self.se = se_layer(out_features) if se_layer is not None else None

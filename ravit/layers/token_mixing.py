@@ -15,7 +15,7 @@ from torch import nn
 
 from ravit.errors import InvalidArgumentError
 
-from .cpu_inference import fast_inference
+from .cpu_inference import Linear, fast_inference, linear
 
 __all__ = ["TokenMixing"]
 
@@ -33,10 +33,10 @@ class TokenMixing(nn.Module):
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.fused_attn = use_fused_attn()
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.q = Linear(dim, dim, bias=qkv_bias)
+        self.kv = Linear(dim, dim * 2, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None,
@@ -59,10 +59,8 @@ class TokenMixing(nn.Module):
         weight, bias = self.proj.weight, self.proj.bias
         if out_scale is not None:
             weight, bias = weight * out_scale[:, None], bias * out_scale
-        x = self.proj_drop(F.linear(x, weight, bias))  # (B, N, C)
-        if residual is None:
-            return x
         if not torch.jit.is_scripting():  # noqa: SIM102 (nested: TorchScript then compiles only the reference path)
-            if fast_inference(x, self.training):
-                return x.add_(residual)  # the projection's output is this call's own buffer: reuse it
-        return residual + x
+            if fast_inference(x, self.training):  # eval: no dropout; the skip connection joins the matmul's output
+                return linear(x, weight, bias, residual)
+        x = self.proj_drop(F.linear(x, weight, bias))  # (B, N, C)
+        return x if residual is None else residual + x
