@@ -90,9 +90,10 @@ def bench_model(name: str, device: torch.device, batch: int, img: int, iters: in
 
 # aten kernels by kind; self time only, so wrappers (linear, matmul, scaled_dot_product_attention) count once.
 KINDS = {
-    "matmul": ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm"),
+    "matmul": ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"),
-    "convolution": ("aten::mkldnn_convolution", "aten::_convolution", "aten::thnn_conv2d"),
+    "convolution": ("aten::mkldnn_convolution", "aten::_convolution", "aten::thnn_conv2d",
+                    "mkldnn::_convolution_pointwise"),  # ravit's inference path: conv (+ folded BN, + GELU)
     "gelu": ("aten::gelu",),
 }
 
@@ -160,12 +161,14 @@ def compare_released(args) -> list[dict]:
             weights = Path(tmp, f"{name}.pth")
             _worker("official", envs["official"], "--model", name, "--save-weights", str(weights))
             medians = {"official": [], "ravit": []}
+            faults = {"official": [], "ravit": []}
             for pair in range(args.pairs):
                 for side in ("official", "ravit") if pair % 2 == 0 else ("ravit", "official"):
                     logits = ["--logits", str(Path(tmp, f"{side}.pt"))] if pair == 0 else []
                     result = _worker(side, envs[side], "--model", name, "--weights", str(weights), "--inputs",
                                      str(inputs), *logits, *common)
                     medians[side].append(result["median_s"])
+                    faults[side].append(result["minor_faults_per_forward"])
                     if side == "official":
                         versions = result["timm"]
             ratios = [o / r for o, r in zip(medians["official"], medians["ravit"], strict=True)]
@@ -173,16 +176,20 @@ def compare_released(args) -> list[dict]:
             rows.append(dict(model=name, official_median_ms=[m * 1e3 for m in medians["official"]],
                              ravit_median_ms=[m * 1e3 for m in medians["ravit"]], ratios=ratios,
                              ratio_median=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
-                             max_abs_logit_diff=delta, official_timm=versions))
+                             max_abs_logit_diff=delta, official_timm=versions,
+                             official_faults_per_forward=statistics.median(faults["official"]),
+                             ravit_faults_per_forward=statistics.median(faults["ravit"])))
     print(f"released code (timm {rows[0]['official_timm'] if rows else '?'}, own process) vs ravit "
           f"(timm {__import__('timm').__version__}, own process); {args.device}, "
           f"{'bf16 autocast' if args.amp else 'fp32'}, batch {args.batch_size} at {args.img_size}, median of "
           f"{args.iters} forwards per process, {args.pairs} alternating pairs; ratio = released ÷ ravit time")
-    print(f"{'model':24s} {'released ms':>12s} {'ravit ms':>9s} {'ratio':>6s} {'min–max':>12s} {'max|Δlogit|':>12s}")
+    print(f"{'model':24s} {'released ms':>12s} {'ravit ms':>9s} {'ratio':>6s} {'min–max':>12s} {'max|Δlogit|':>12s} "
+          f"{'page faults/forward (released, ravit)':>38s}")
     for row in rows:
         print(f"{row['model']:24s} {statistics.median(row['official_median_ms']):12.1f} "
               f"{statistics.median(row['ravit_median_ms']):9.1f} {row['ratio_median']:6.2f} "
-              f"{row['ratio_min']:5.2f}–{row['ratio_max']:<5.2f} {row['max_abs_logit_diff']:12.2e}")
+              f"{row['ratio_min']:5.2f}–{row['ratio_max']:<5.2f} {row['max_abs_logit_diff']:12.2e} "
+              f"{row['official_faults_per_forward']:>27.0f}, {row['ravit_faults_per_forward']:.0f}")
     return rows
 
 
@@ -202,7 +209,7 @@ def main() -> None:
     parser.add_argument("--official-src", help="compare with the released FAN code in this folder (see above)")
     parser.add_argument("--official-timm", default="~/.cache/ravit/timm-0.5.4",
                         help="where timm 0.5.4 for the released code is (installed there if missing)")
-    parser.add_argument("--pairs", type=int, default=5, help="alternating released/ravit process pairs")
+    parser.add_argument("--pairs", type=int, default=9, help="alternating released/ravit process pairs")
     args = parser.parse_args()
     if args.official_src:
         rows = compare_released(args)

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import resource
 import statistics
 import time
 
@@ -62,15 +63,19 @@ def main() -> None:
     times = []
     with torch.inference_mode(), autocast:
         for i in range(args.warmup + args.iters):
+            if i == args.warmup:  # minor page faults: first touches of memory the allocator handed back to the OS
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             logits = model(images)  # (B, num_classes)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.iters
     if args.logits:
         torch.save(logits.float().cpu(), args.logits)
     print(json.dumps(dict(side=args.side, model=args.model, median_s=statistics.median(times), times_s=times,
+                          minor_faults_per_forward=faults,
                           threads=torch.get_num_threads(), torch=torch.__version__,
                           timm=importlib.import_module("timm").__version__)))
 

@@ -87,6 +87,22 @@ def test_gate():
     assert not fast_inference(torch.fx.Proxy(graph.placeholder("x")), training=False)
 
 
+def test_flop_counting_sees_the_reference_ops():
+    """GMACs are counted on the reference modules: the FLOP counter has no formula for oneDNN's fused ops."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ravit.bench.flops import count_gmacs
+
+    model = _model("test_fan_vit", {})
+    images = torch.randn(2, 3, 64, 64)
+    with FlopCounterMode(display=False) as counter:
+        model(images)  # autograd on: the reference path
+    assert count_gmacs(model, images) == pytest.approx(counter.get_total_flops() / 2 / 2 / 1e9)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(images)
+    assert count_gmacs(model, images) == pytest.approx(counter.get_total_flops() / 2 / 2 / 1e9)
+
+
 def test_training_and_grad_take_the_reference_path():
     model = _model("test_fan_vit", {})
     images = torch.randn(2, 3, 64, 64, requires_grad=True)

@@ -13,13 +13,14 @@ copies the broadcast bias into its output. Outputs stay within fp32 rounding of 
 
 timm and torch have no eager fused conv+BN+GELU layer or bias-fused linear, hence these few functions; everything
 else runs the reference modules. ``fast_inference`` decides per call: only where no gradient can flow, BatchNorm uses
-its running statistics, the input lives on a CPU with oneDNN, and the code is neither scripted, FX-traced nor
-compiled (those see the reference path and do their own fusion).
+its running statistics, the input lives on a CPU with oneDNN, and the code is neither scripted, FX-traced, compiled
+nor under a dispatch mode such as the FLOP counter (those see the reference path).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 __all__ = ["Linear", "bn_scale_shift", "conv_act", "fast_inference", "linear"]
 
@@ -28,6 +29,8 @@ __all__ = ["Linear", "bn_scale_shift", "conv_act", "fast_inference", "linear"]
 def fast_inference(x: torch.Tensor, training: bool) -> bool:
     """Whether the fused CPU path may run for input ``x`` of a module in ``training`` mode."""
     if isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling():  # FX symbolic tracing, dynamo, export
+        return False
+    if is_in_torch_dispatch_mode():  # e.g. FlopCounterMode, which has no formula for oneDNN's fused ops
         return False
     return (not training and not torch.is_grad_enabled() and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available())
