@@ -222,8 +222,8 @@ class _Device(argparse.Action):
 def add_bf16_argument(parser) -> None:
     """``--bf16``: the model under bf16 autocast (the data pipeline stays fp32)."""
     parser.add_argument("--bf16", action="store_true",
-                        help="run the model under bf16 autocast: on a CPU with AVX512-BF16 or AMX about 1.4x faster "
-                             "for FAN-T/S at batch 8 (benchmarks/cpu_bf16.py), top-1 within a few hundredths of fp32")
+                        help="run the model under bf16 autocast: on a CPU with AVX512-BF16 or AMX 1.1-1.2x faster "
+                             "for FAN-T/S than fp32 (benchmarks/cpu_bf16.py), top-1 within a few hundredths of fp32")
 
 
 def add_device_argument(parser, default: str = "auto") -> None:

@@ -83,8 +83,11 @@ def _operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias) [+ residual]`` as one oneDNN matmul with the bias (and the residual addition)
-    fused; x (..., in), residual (..., out) -> (..., out)."""
-    x, weight, bias = _operands(x, weight, bias)
+    fused; x (..., in), residual (..., out) -> (..., out). Under autocast it is ``F.linear``: autocast casts each
+    weight once per region (its cache), where this op would cast it on every call."""
+    if torch.is_autocast_enabled("cpu"):
+        y = F.linear(x, weight, bias)
+        return y if residual is None else y.add_(residual)
     if residual is None:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return torch.ops.mkldnn._linear_pointwise.binary(x, residual.to(x.dtype), weight, bias, "add")
