@@ -8,7 +8,7 @@ p8 = 3 → C/4 → C/2 → C (both timm's), p4 = 3 → C/4 → C. Keys ``proj.{0
 from __future__ import annotations
 
 import torch
-from timm.layers import to_2tuple
+from timm.layers import register_notrace_module, to_2tuple
 from timm.models.xcit import ConvPatchEmbed as XCiTConvPatchEmbed
 from timm.models.xcit import conv3x3
 from torch import nn
@@ -21,6 +21,7 @@ from .dwconv import map_to_tokens
 __all__ = ["ConvPatchEmbed"]
 
 
+@register_notrace_module  # an FX leaf: traced graphs call it, so eager and FX take the same (fused or reference) path
 class ConvPatchEmbed(XCiTConvPatchEmbed):
     """Image (B, in_chans, H, W) -> tokens (B, H/p · W/p, embed_dim) and the grid (H/p, W/p); p in {4, 8, 16}."""
 

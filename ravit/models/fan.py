@@ -19,7 +19,7 @@ from functools import partial
 
 import torch
 import torch.utils.checkpoint
-from timm.layers import DropPath, register_notrace_function, trunc_normal_
+from timm.layers import DropPath, register_notrace_function, register_notrace_module, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
@@ -67,6 +67,7 @@ def check_images(x: torch.Tensor, in_chans: int, stride: int, name: str) -> torc
     return x
 
 
+@register_notrace_module  # an FX leaf: traced graphs call it, so eager and FX take the same (fused or reference) path
 class FANBlock(nn.Module):
     """x + γ1·TokenMixing(LN1 x), then x + γ2·ChannelProcessing(LN2 x) (FAN Sec. 3.2); optional overlapping downsample.
 
