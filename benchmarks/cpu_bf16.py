@@ -68,9 +68,9 @@ def agreement(limit: int, batch_size: int) -> list[dict]:
     manifest = load_manifest()
     rows = []
     for name in list_zoo():
-        model = ravit.create_model(name, pretrained=True).eval()
-        if "fan" not in type(model).__name__.lower():
+        if not manifest["models"][name]["architecture"].startswith("fan"):
             continue
+        model = ravit.create_model(name, pretrained=True).eval()
         spec = ModelInput.from_model(model, trained_on=dataset_info("fashion_mnist"))
         dataset = open_data("fashion-mnist", "test", None, spec.transform())
         loader = DataLoader(Subset(dataset, range(min(limit, len(dataset)))), batch_size=batch_size)

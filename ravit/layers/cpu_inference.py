@@ -42,9 +42,13 @@ def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, bn.bias - bn.running_mean * scale
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a conv would run in here: the autocast dtype when CPU autocast is on, else the input's."""
-    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+def _operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """x, weight, bias in the dtype a conv would run in here: CPU autocast's when it is on, else the input's."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if dtype != x.dtype or dtype != weight.dtype:
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    return x, weight, bias
 
 
 @torch.jit.ignore
@@ -70,15 +74,6 @@ def conv_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None,
                                                    "none")
 
 
-def _operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """x, weight, bias in the dtype the op would run in (see ``_compute_dtype``)."""
-    dtype = _compute_dtype(x)
-    if dtype != x.dtype or dtype != weight.dtype:
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    return x, weight, bias
-
-
 @torch.jit.ignore
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,7 +85,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return y if residual is None else y.add_(residual)
     if residual is None:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return torch.ops.mkldnn._linear_pointwise.binary(x, residual.to(x.dtype), weight, bias, "add")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
 
 
 class Linear(nn.Linear):
