@@ -1,0 +1,161 @@
+"""``apply_tome`` / ``remove_tome``: Token Merging (Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023)
+plugged into a timm ViT.
+
+As with ATS (:mod:`ravit.ats.patch`), the model's class is swapped for a subclass whose ``forward_features`` runs the
+blocks through :func:`ravit.tome.block.block_forward`; blocks, parameters and buffers are untouched, so ``state_dict``
+keys stay the same and weights load before or after patching. The settings live in ``model.tome_config`` (a frozen
+dataclass, not a parameter); token sizes live in local variables of one call only.
+
+ToMe is static: every token count depends on r and the input size only, never on the image, so a patched model
+exports (``torch.export``, ONNX) and compiles (``torch.compile(fullgraph=True)``) as one graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ravit.ats.patch import UnsupportedModelError, _check_images, has_ats
+from ravit.errors import InvalidArgumentError
+from ravit.tome.block import block_forward
+
+__all__ = ["SUPPORTED", "ToMeConfig", "apply_tome", "has_tome", "remove_tome", "tome_forward_features"]
+
+SUPPORTED = (
+    "ToMe supports timm VisionTransformer models built from timm's pre-norm Block and Attention: ViT and DeiT with a "
+    "class token, DeiT distilled, ViTs with register tokens or global average pooling (prefix tokens never merge)"
+)
+
+
+@dataclass(frozen=True)
+class ToMeConfig:
+    """Validated ToMe settings for one model: tokens merged in each block (before clamping) and proportional
+    attention."""
+
+    r: tuple[int, ...]
+    prop_attn: bool = True
+
+
+def has_tome(model: nn.Module) -> bool:
+    """True when ``apply_tome`` has patched ``model``."""
+    return isinstance(getattr(model, "tome_config", None), ToMeConfig)
+
+
+def _check_r_value(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidArgumentError(f"r{where} must be an int (tokens merged per block), got {value!r}")
+    if value < 0:
+        raise InvalidArgumentError(f"r{where} must be >= 0 (tokens merged per block), got {value}")
+    return int(value)
+
+
+def _parse_r(r: object, depth: int) -> tuple[int, ...]:
+    """One int for every block, or a sequence of one int per block."""
+    if isinstance(r, Sequence) and not isinstance(r, (str, bytes)):
+        if len(r) != depth:
+            raise InvalidArgumentError(f"got {len(r)} values of r for a model of {depth} blocks; give one per block")
+        return tuple(_check_r_value(v, f"[{i}]") for i, v in enumerate(r))
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+        raise InvalidArgumentError(f"r must be an int or a sequence of one int per block, got {r!r}")
+    return (_check_r_value(r, ""),) * depth
+
+
+def _check_host(model: nn.Module) -> None:
+    if has_tome(model):
+        raise InvalidArgumentError(
+            "ToMe is already applied to this model; call ravit.tome.remove_tome(model) first to change it")
+    if has_ats(model):
+        raise InvalidArgumentError("ATS is applied to this model; call ravit.remove_ats(model) before applying ToMe")
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(f"{SUPPORTED}; got {type(model).__name__}")
+    for i, block in enumerate(model.blocks):
+        if type(block) is not Block or type(getattr(block, "attn", None)) is not Attention:
+            raise UnsupportedModelError(
+                f"{SUPPORTED}; block {i} is {type(block).__name__} with {type(getattr(block, 'attn', None)).__name__}"
+            )
+
+
+class _ToMeModel:
+    """Methods that replace the host ViT's while ToMe is applied (mixed in front of the host class)."""
+
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        if attn_mask is not None or is_causal:
+            raise InvalidArgumentError("attn_mask / is_causal are not supported with ToMe (tokens merge per block)")
+        return tome_forward_features(self, x)
+
+    def forward_intermediates(self, *args, **kwargs):
+        raise NotImplementedError(
+            "forward_intermediates is not available while ToMe is applied (each block has fewer tokens); "
+            "use ravit.tome.remove_tome(model)"
+        )
+
+
+@functools.cache
+def _tome_class(host: type) -> type:
+    return type(f"ToMe{host.__name__}", (_ToMeModel, host), {"_tome_host": host})
+
+
+def tome_forward_features(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """``forward_features`` of a ToMe model: (B, N', C) normalised tokens, N' = N minus the tokens merged.
+
+    Args:
+        model: a model patched by :func:`apply_tome`.
+        images: (B, C, H, W).
+    """
+    cfg: ToMeConfig = model.tome_config
+    _check_images(model, images)
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))  # (B, N, C)
+    protected = model.num_prefix_tokens
+    size = None  # (B, N, 1) token sizes once a block has merged
+    use_checkpoint = model.grad_checkpointing and torch.is_grad_enabled()
+    for block, r in zip(model.blocks, cfg.r, strict=True):
+        if use_checkpoint:
+            x, size = checkpoint(block_forward, block, x, size, r, protected, cfg.prop_attn, use_reentrant=False)
+        else:
+            x, size = block_forward(block, x, size, r, protected, cfg.prop_attn)
+    return model.norm(x)
+
+
+def apply_tome(model: nn.Module, r: int | Sequence[int], prop_attn: bool = True, static: bool = True) -> nn.Module:
+    """Patch a timm ViT in place with Token Merging and return it.
+
+    Args:
+        model: a timm ``VisionTransformer`` (see ``SUPPORTED``).
+        r: tokens merged in each block: an int (the same r in every block, the paper's constant schedule, Sec. 3
+            "Strategy") or one int per block. Each block merges at most half of its mergeable tokens (larger values
+            are clamped).
+        prop_attn: proportional attention (Sec. 3, "Tracking Token Size"): on for off-the-shelf models, as in the
+            released code.
+        static: must be True. It matches ``apply_ats``: ToMe's token counts depend only on r, never on the image.
+
+    Returns:
+        ``model``, whose forward returns what it returned before (logits), computed on the merged tokens.
+    """
+    if static is not True:
+        raise InvalidArgumentError(
+            f"static must be True, got {static!r}: ToMe is static by nature (every block removes r tokens whatever "
+            f"the image), so there is no dynamic variant")
+    if not isinstance(prop_attn, bool):
+        raise InvalidArgumentError(f"prop_attn must be True or False, got {prop_attn!r}")
+    _check_host(model)
+    config = ToMeConfig(r=_parse_r(r, len(model.blocks)), prop_attn=prop_attn)
+    model.__class__ = _tome_class(type(model))
+    model.tome_config = config
+    return model
+
+
+def remove_tome(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_tome`: the original class back, the settings dropped; returns ``model``."""
+    if not has_tome(model):
+        raise InvalidArgumentError("this model has no ToMe applied (nothing to remove)")
+    model.__class__ = model._tome_host
+    del model.tome_config
+    return model
