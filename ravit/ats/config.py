@@ -4,6 +4,20 @@ One meaning per type: ``None`` = the released default (K = the original patch co
 tokens"); ``int`` = K, the number of points sampled on the y-axis (patch tokens; prefix tokens are always kept on top);
 ``float`` in (0, 1] = K as that fraction of the patch tokens entering the block. A sequence gives one value per block.
 A float above 1 counts tokens only when it is a whole number (``3.0`` is 3 tokens; ``2.5`` is an error, never rounded).
+
+Options beyond the paper (ravit's, measured against ToMe in ``benchmarks/token_reduction.py``; the defaults are the
+paper's algorithm):
+
+- ``schedule="linear"``: one budget is the patch-token count left after the *last* ATS block (a ratio is then a
+  fraction of the *original* patch tokens, never of the tokens entering a block), and the count falls linearly over
+  the ATS blocks, ``K_j = round(N - (N - K) (j + 1) / S)`` for the j-th of S blocks, as ToMe's constant ``r`` does.
+  The default ``"each"`` gives every ATS block the budget, a ratio then compounding block after block.
+- ``fuse="nearest"``: a dropped token is not lost but averaged into its most similar kept token (cosine similarity
+  of the attention keys averaged over heads, weighted by how many tokens each already holds, EViT/ToMe-style), and
+  later blocks use proportional attention (each key's logit + log of its token count, ToMe Sec. 3).
+- ``static=True``: every image leaves an ATS block in exactly K slots (kept tokens first, empty slots masked out
+  of attention), so tensor shapes depend only on the budget and the model exports (``torch.export``, ONNX,
+  ``torch.compile(fullgraph=True)``). Needs int budgets (or ``schedule="linear"``, which resolves to ints).
 """
 
 from __future__ import annotations
@@ -19,12 +33,14 @@ import torch
 from ravit.ats.sampling import inverse_transform_sampling, topk_sampling
 from ravit.errors import InvalidArgumentError
 
-__all__ = ["ATSConfig", "SAMPLERS", "Budget", "Sampler", "parse_budget"]
+__all__ = ["ATSConfig", "FUSIONS", "SAMPLERS", "SCHEDULES", "Budget", "Sampler", "parse_budget"]
 
 Budget = int | float | None
 Sampler = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 SAMPLERS: dict[str, Sampler] = {"inverse_transform": inverse_transform_sampling, "topk": topk_sampling}
+SCHEDULES = ("each", "linear")
+FUSIONS = ("none", "nearest")
 
 
 _BUDGET_RULE = "a budget is 'none', a token count (an integer >= 1) or a ratio in (0, 1]"
@@ -88,6 +104,21 @@ def _check_some_patch_left(blocks: Sequence[int], budgets: Sequence[Budget], num
             most = min(most, budget)
 
 
+def _linear_schedule(budget: object, num_blocks: int, num_patches: int) -> list[int]:
+    """``schedule="linear"``: per-block counts falling linearly from the original patch count to ``budget``."""
+    if budget is None or isinstance(budget, (list, tuple)):
+        raise InvalidArgumentError(
+            f"schedule='linear' takes one budget (the patch tokens left after the last ATS block: an int count or a "
+            f"ratio of the original {num_patches}), got {budget!r}")
+    final = _check_budget(budget, num_patches)
+    if isinstance(final, float):
+        final = round(final * num_patches)
+        if final < 1:
+            raise InvalidArgumentError(
+                f"budget ratio {budget} leaves no patch token: round({num_patches} x {budget}) = 0")
+    return [round(num_patches - (num_patches - final) * (j + 1) / num_blocks) for j in range(num_blocks)]
+
+
 @dataclass(frozen=True)
 class ATSConfig:
     """Validated ATS settings for one model: which blocks sample tokens, each block's budget, and the sampler."""
@@ -95,6 +126,14 @@ class ATSConfig:
     blocks: tuple[int, ...]
     budgets: tuple[Budget, ...]
     sampler: str | Sampler
+    schedule: str = "each"
+    fuse: str = "none"
+    static: bool = False
+
+    @property
+    def padded(self) -> bool:
+        """True when the blocks run on padded slots with token sizes (static or fused), not on ragged tokens."""
+        return self.static or self.fuse != "none"
 
     @classmethod
     def build(
@@ -104,6 +143,9 @@ class ATSConfig:
         sampler: str | Sampler,
         depth: int,
         num_patches: int,
+        schedule: str = "each",
+        fuse: str = "none",
+        static: bool = False,
     ) -> ATSConfig:
         """Validate user arguments against a model of ``depth`` blocks and ``num_patches`` patch tokens."""
         try:
@@ -120,6 +162,14 @@ class ATSConfig:
         if len(set(blocks)) != len(blocks):
             raise InvalidArgumentError(f"ATS blocks must be unique, got {list(blocks)}")
 
+        if schedule not in SCHEDULES:
+            raise InvalidArgumentError(f"unknown schedule {schedule!r}; choose one of {list(SCHEDULES)}")
+        if fuse not in FUSIONS:
+            raise InvalidArgumentError(f"unknown fuse {fuse!r}; choose one of {list(FUSIONS)}")
+        if not isinstance(static, bool):
+            raise InvalidArgumentError(f"static must be True or False, got {static!r}")
+        if schedule == "linear":
+            budget = _linear_schedule(budget, len(blocks), num_patches)
         if isinstance(budget, (list, tuple)):
             if len(budget) != len(blocks):
                 raise InvalidArgumentError(
@@ -129,6 +179,11 @@ class ATSConfig:
             budgets = [_check_budget(budget, num_patches)] * len(blocks)
         pairs = sorted(zip((int(b) for b in blocks), budgets, strict=True), key=lambda p: p[0])
         _check_some_patch_left([b for b, _ in pairs], [v for _, v in pairs], num_patches)
+        if static and not all(isinstance(v, int) for _, v in pairs):
+            raise InvalidArgumentError(
+                f"static=True needs a fixed token count per ATS block (shapes must depend on the budget only), got "
+                f"budgets {[v for _, v in pairs]}: give int counts, or a ratio with schedule='linear' (a fraction "
+                f"of the original patch tokens)")
 
         if isinstance(sampler, str):
             if sampler not in SAMPLERS:
@@ -136,7 +191,8 @@ class ATSConfig:
                     f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)} or pass a callable")
         elif not callable(sampler):
             raise InvalidArgumentError(f"sampler must be a name {sorted(SAMPLERS)} or a callable, got {sampler!r}")
-        return cls(blocks=tuple(b for b, _ in pairs), budgets=tuple(v for _, v in pairs), sampler=sampler)
+        return cls(blocks=tuple(b for b, _ in pairs), budgets=tuple(v for _, v in pairs), sampler=sampler,
+                   schedule=schedule, fuse=fuse, static=static)
 
     def sampler_fn(self) -> Sampler:
         """The sampler to call; a user's callable comes wrapped in a check of what it returns."""

@@ -19,7 +19,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ravit.ats.block import Tokens, block_forward, unpack
 from ravit.ats.config import ATSConfig, Budget, Sampler
-from ravit.ats.sampling import samples_per_image
+from ravit.ats.padded import Slots, padded_block_forward, to_tokens
+from ravit.ats.sampling import samples_per_image, static_sampler
 from ravit.errors import InvalidArgumentError
 
 __all__ = ["apply_ats", "remove_ats", "has_ats", "ats_forward_features", "UnsupportedModelError"]
@@ -43,6 +44,9 @@ def _check_host(model: nn.Module) -> None:
     if has_ats(model):
         raise InvalidArgumentError(
             "ATS is already applied to this model; call ravit.remove_ats(model) first to change it")
+    if getattr(model, "tome_config", None) is not None:  # ravit.tome's marker (tome imports this module, not back)
+        raise InvalidArgumentError(
+            "ToMe is applied to this model; call ravit.remove_tome(model) first (ATS and ToMe do not combine)")
     if not isinstance(model, VisionTransformer):
         raise UnsupportedModelError(f"{SUPPORTED}; got {type(model).__name__}")
     if model.cls_token is None:
@@ -70,7 +74,7 @@ class _ATSModel:
         if attn_mask is not None or is_causal:
             raise InvalidArgumentError(
                 "attn_mask / is_causal are not supported with ATS (tokens are dropped per image)")
-        return ats_forward_features(self, x)[0]
+        return ats_forward_features(self, x)
 
     def forward_intermediates(self, *args, **kwargs):
         raise NotImplementedError(
@@ -106,8 +110,8 @@ def _check_images(model: VisionTransformer, images: torch.Tensor) -> None:
 
 def ats_forward_features(
     model: VisionTransformer, images: torch.Tensor, record: list[Tokens] | None = None
-) -> tuple[torch.Tensor, Tokens]:
-    """``forward_features`` of an ATS model: (B, L, C) tokens, zero past each image's count, and the final tokens.
+) -> torch.Tensor:
+    """``forward_features`` of an ATS model: (B, L, C) tokens, zero past each image's count.
 
     Args:
         model: a model patched by :func:`apply_ats`.
@@ -124,10 +128,12 @@ def ats_forward_features(
                        torch.zeros(0, dtype=torch.long, device=x.device), 0)
         if record is not None:
             record.extend([empty] * len(cfg.blocks))
-        return model.norm(x), empty
+        return model.norm(x)
     use_checkpoint = model.grad_checkpointing and torch.is_grad_enabled()
     for block in model.blocks[: cfg.blocks[0]]:  # dense blocks before the first ATS block: the host's own forward
         x = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
+    if cfg.padded:
+        return _padded_features(model, x, record, use_checkpoint)
 
     ids = torch.cat([torch.full((P,), -1), torch.arange(N - P)]).to(images.device).repeat(B)  # (B·N,)
     tokens = Tokens(x.reshape(B * N, C), torch.full((B,), N, device=images.device), ids, N)
@@ -144,7 +150,33 @@ def ats_forward_features(
         if record is not None and select is not None:
             record.append(tokens)
     x = unpack(model.norm(tokens.x), tokens.slot_mask, (B, tokens.width))  # (B, L, C)
-    return x, tokens
+    return x
+
+
+def _padded_features(model: VisionTransformer, x: torch.Tensor, record: list[Tokens] | None, use_checkpoint: bool
+                     ) -> torch.Tensor:
+    """The blocks from the first ATS block on, on padded slots (:mod:`ravit.ats.padded`): ``static`` or ``fuse``."""
+    cfg: ATSConfig = model.ats_config
+    B, N, _ = x.shape
+    P = model.num_prefix_tokens
+    patch_ids = torch.cat([torch.full((P,), -1), torch.arange(N - P)]).to(x.device)  # (N,)
+    slots = Slots(x, x.new_ones(B, N, dtype=torch.float32), patch_ids.expand(B, N))
+    budgets = dict(zip(cfg.blocks, cfg.budgets, strict=True))
+    sampler = cfg.sampler_fn()
+    for i in range(cfg.blocks[0], len(model.blocks)):
+        keep_fn, width = None, None
+        if i in budgets:
+            if cfg.static:
+                width = min(budgets[i], slots.x.shape[1] - P)
+                keep_fn = static_sampler(sampler, width)
+            else:
+                keep_fn = functools.partial(_select, sampler=sampler, budget=budgets[i], n_ref=N - P)
+        args = (model.blocks[i], slots, P, cfg.fuse != "none", keep_fn, width, cfg.fuse != "none")
+        slots = checkpoint(padded_block_forward, *args, use_reentrant=False) if use_checkpoint else \
+            padded_block_forward(*args)
+        if record is not None and keep_fn is not None:
+            record.append(to_tokens(slots))
+    return model.norm(slots.x) * (slots.size > 0)[..., None].to(slots.x.dtype)  # (B, L, C), zero in empty slots
 
 
 def apply_ats(
@@ -152,6 +184,10 @@ def apply_ats(
     blocks: Iterable[int] = range(3, 12),
     budget: Budget | Sequence[Budget] = None,
     sampler: str | Sampler = "inverse_transform",
+    *,
+    schedule: str = "each",
+    fuse: str = "none",
+    static: bool = False,
 ) -> nn.Module:
     """Patch a timm ViT in place with Adaptive Token Sampling and return it.
 
@@ -163,13 +199,21 @@ def apply_ats(
             Prefix tokens (class, distillation, register) are always kept on top of K.
         sampler: "inverse_transform" (the paper's, Sec. 3.2), "topk" (its ablation baseline), or a callable
             ``(scores, valid, n_samples) -> keep`` with the shapes of :func:`ravit.ats.inverse_transform_sampling`.
+        schedule: "each" (the paper's: every ATS block gets ``budget``; a ratio is of the tokens entering it) or
+            "linear" (one budget = the patch tokens left after the last ATS block, a ratio of the original count;
+            the count falls linearly over the ATS blocks). See :mod:`ravit.ats.config`.
+        fuse: "none" (the paper's: dropped tokens leave) or "nearest" (each dropped token is averaged into its most
+            similar kept token, and attention weighs tokens by how many they hold).
+        static: every image keeps exactly K slots per ATS block (int budgets), so shapes depend only on the budget
+            and the model exports with ``torch.export`` / ONNX / ``torch.compile(fullgraph=True)``.
 
     Returns:
         ``model``, whose forward returns what it returned before (logits), computed on the kept tokens.
     """
     _check_host(model)
     config = ATSConfig.build(
-        blocks, budget, sampler, depth=len(model.blocks), num_patches=model.patch_embed.num_patches
+        blocks, budget, sampler, depth=len(model.blocks), num_patches=model.patch_embed.num_patches,
+        schedule=schedule, fuse=fuse, static=static,
     )
     _check_blocks(model, config.blocks[0])
     model.__class__ = _ats_class(type(model))

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["class_attention_scores", "inverse_transform_sampling", "topk_sampling", "samples_per_image"]
+__all__ = [
+    "class_attention_scores", "inverse_transform_sampling", "samples_per_image", "stable_sort", "static_sampler",
+    "topk_sampling",
+]
 
 
 def class_attention_scores(
@@ -94,9 +97,41 @@ def inverse_transform_sampling(
     Rows whose valid scores are all zero are sampled as if uniform (the released code divides by zero there).
     K = 1 samples y = 1, the top token (linspace would put its single point at the grid start).
     """
-    B, N = scores.shape
+    B = scores.shape[0]
     if B and bool(valid.all()) and bool((n_samples == n_samples[0]).all()):
         return _sample_full_rows(scores, int(n_samples[0]))
+    return _sample_masked(scores, valid, n_samples, int(n_samples.max()) if B else 1)
+
+
+def _torch_sort(values: torch.Tensor, descending: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.sort(values, dim=1, descending=descending, stable=True)
+
+
+def stable_sort(values: torch.Tensor, descending: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.sort(values, dim=1, descending=descending, stable=True)`` of a (B, N) tensor, from pairwise comparisons.
+
+    Written out because ONNX has no stable sort (the exporter cannot translate ``aten.sort.stable``) and the samplers'
+    results depend on the order of equal scores. Entry i lands at the count of entries that come before it: strictly
+    smaller (larger when descending), or equal and earlier. O(N^2) per row, which at ViT token counts (N <= 1k)
+    costs less than the attention.
+    """
+    B, N = values.shape
+    here, other = values[:, :, None], values[:, None, :]  # (B, N, 1), (B, 1, N)
+    earlier = torch.arange(N, device=values.device)
+    before = (other > here) if descending else (other < here)  # (B, N, N)
+    before = before | ((other == here) & (earlier[None, :] < earlier[:, None])[None])
+    rank = before.sum(dim=2)  # (B, N): the sorted position of each entry
+    order = torch.zeros_like(rank).scatter(1, rank, earlier.expand(B, N))  # (B, N)
+    return values.gather(1, order), order
+
+
+def _sample_masked(scores: torch.Tensor, valid: torch.Tensor, n_samples: torch.Tensor, width: int,
+                   sort=None) -> torch.Tensor:
+    """:func:`inverse_transform_sampling` for any ``valid`` and per-row K, with ``width`` >= max K grid columns given
+    and the (ascending, stable) ``sort``: no data-dependent shape or branch, so with :func:`stable_sort` this is the
+    static, exportable path."""
+    B, N = scores.shape
+    sort = sort or _torch_sort
     n_valid = valid.sum(dim=1)  # (B,)
     scores = scores.float().masked_fill(~valid, 0.0)
     total = scores.sum(dim=1, keepdim=True)  # (B, 1)
@@ -106,7 +141,7 @@ def inverse_transform_sampling(
     scores = scores / total
 
     # Sort ascending, padding last; stable so equal scores keep their token order.
-    sorted_scores, order = torch.sort(scores.masked_fill(~valid, float("inf")), dim=1, stable=True)  # (B, N)
+    sorted_scores, order = sort(scores.masked_fill(~valid, float("inf")))  # (B, N)
     sorted_valid = torch.arange(N, device=scores.device)[None] < n_valid[:, None]  # (B, N)
     cdf = torch.cumsum(sorted_scores.masked_fill(~sorted_valid, 0.0), dim=1)  # (B, N)
     lo = cdf[:, :1]
@@ -115,7 +150,6 @@ def inverse_transform_sampling(
 
     # y-grid: K points from the smallest positive CDF value to 1 (the released code's create_ys).
     ys_start = torch.where(ncdf == 0, 1e8, ncdf).masked_fill(~sorted_valid, 1e8).amin(dim=1, keepdim=True)  # (B, 1)
-    width = int(n_samples.max())
     k_minus_1 = (n_samples.clamp(min=2) - 1).float()[:, None]  # (B, 1)
     steps = torch.arange(width, device=scores.device, dtype=torch.float32)[None]  # (1, W)
     ys = ys_start + (_unit_grid(n_samples, width) * k_minus_1 - ys_start * steps) / k_minus_1  # (B, W)
@@ -167,13 +201,29 @@ def _sample_full_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(kept_sorted).scatter_(1, order, kept_sorted)
 
 
-def topk_sampling(scores: torch.Tensor, valid: torch.Tensor, n_samples: torch.Tensor) -> torch.Tensor:
+def topk_sampling(scores: torch.Tensor, valid: torch.Tensor, n_samples: torch.Tensor,
+                  sort=None) -> torch.Tensor:
     """Keep the K highest-scoring tokens of each row (the paper's Top-K baseline, Sec. 4.2 ablation).
 
-    Same arguments and result as :func:`inverse_transform_sampling`; ties go to the earlier token.
+    Same arguments and result as :func:`inverse_transform_sampling`; ties go to the earlier token. ``sort`` is a
+    stable sort of (B, N) rows taking ``descending`` (None: ``torch.sort``; :func:`stable_sort` for export).
     """
     B, N = scores.shape
-    order = torch.sort(scores.float().masked_fill(~valid, float("-inf")), dim=1, descending=True, stable=True)[1]
+    order = (sort or _torch_sort)(scores.float().masked_fill(~valid, float("-inf")), descending=True)[1]
     n_keep = torch.minimum(n_samples, valid.sum(dim=1))  # (B,)
     kept_sorted = torch.arange(N, device=scores.device)[None] < n_keep[:, None]  # (B, N)
     return torch.zeros_like(kept_sorted).scatter_(1, order, kept_sorted) & valid
+
+
+def static_sampler(sampler, k: int):
+    """``keep(scores, valid)`` taking K = ``k`` samples per row with no data-dependent shape or branch (for
+    ``static=True``): the built-in samplers on their masked path, a user's callable as it is."""
+    if sampler is inverse_transform_sampling:
+        return lambda scores, valid: _sample_masked(scores, valid, _full_k(valid, k), max(k, 1), sort=stable_sort)
+    if sampler is topk_sampling:
+        return lambda scores, valid: topk_sampling(scores, valid, _full_k(valid, k), sort=stable_sort)
+    return lambda scores, valid: sampler(scores, valid, _full_k(valid, k))
+
+
+def _full_k(valid: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.full((valid.shape[0],), k, dtype=torch.long, device=valid.device)  # (B,)

@@ -48,7 +48,7 @@ def trace(model: nn.Module, images: torch.Tensor, count_gmacs: bool = True) -> A
     if not has_ats(model):
         raise InvalidArgumentError("trace needs a model with ATS applied: call ravit.apply_ats(model, ...) first")
     record = []
-    features, _ = ats_forward_features(model, images, record)
+    features = ats_forward_features(model, images, record)
     logits = model.forward_head(features)
     kept_tokens = torch.stack([tokens.lengths for tokens in record], dim=1).cpu()  # (B, S)
     kept_indices = []

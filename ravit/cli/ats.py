@@ -1,6 +1,7 @@
 """``ravit ats``: accuracy and cost of a model with and without Adaptive Token Sampling (Fayyaz et al., ECCV 2022).
 
     ravit ats MODEL [--data NAME_OR_FOLDER] [--checkpoint PATH | --pretrained] --blocks 3-11 --budget none|K|RATIO
+              [--sampler inverse_transform|topk] [--schedule each|linear] [--fuse none|nearest] [--static]
 
 MODEL is any ravit / timm model name (``--model-kwargs`` for its arguments, ``--pretrained`` for shipped weights,
 ``--checkpoint`` for a file). ``--data`` is ``fashion-mnist`` or an image folder (``<folder>/<class>/<image>`` or
@@ -49,6 +50,16 @@ def register(subparsers) -> None:
                       default=[None], metavar="BUDGET")
     p.add_argument("--sampler", default="inverse_transform", choices=["inverse_transform", "topk"],
                    help="inverse_transform (the paper's) or topk (the ablation)")
+    p.add_argument("--schedule", default="each", choices=["each", "linear"],
+                   help="each (the paper's: every ATS block gets the budget; a ratio is of the tokens entering it) or "
+                   "linear (one budget = patch tokens left after the last ATS block, a ratio of the original count, "
+                   "reached linearly)")
+    p.add_argument("--fuse", default="none", choices=["none", "nearest"],
+                   help="none (the paper's: dropped tokens leave) or nearest (each dropped token is averaged into its "
+                   "most similar kept token; attention then weighs tokens by what they hold)")
+    p.add_argument("--static", action="store_true",
+                   help="exactly K slots per image at every ATS block (int budgets or --schedule linear): shapes "
+                   "that depend on the budget only, as an exported model runs")
     add_count_argument(p, "--limit", None, "use only the first N images")
     add_count_argument(p, "--batch-size", 64, "images per batch")
     add_count_argument(p, "--workers", 0, "data loader workers", least=0)
@@ -75,11 +86,12 @@ def run(args) -> int:
     from ravit.data import open_data
 
     blocks, per_block = args.blocks, args.budget[0] if len(args.budget) == 1 else args.budget
+    options = dict(sampler=args.sampler, schedule=args.schedule, fuse=args.fuse, static=args.static)
     device = resolve_device(args.device)
     out = output_dir(args, "ats", args.model)
     model = build_model(args).to(device)
-    apply_ats(model, blocks=blocks, budget=per_block, sampler=args.sampler)  # validates before any data is read
-    config = dict(blocks=list(model.ats_config.blocks), budgets=list(model.ats_config.budgets), sampler=args.sampler)
+    apply_ats(model, blocks=blocks, budget=per_block, **options)  # validates before any data is read
+    config = dict(blocks=list(model.ats_config.blocks), budgets=list(model.ats_config.budgets), **options)
     remove_ats(model)
 
     transform = model_input(model, args.data, args.pretrained).transform()
@@ -96,7 +108,7 @@ def run(args) -> int:
         for images, targets in tqdm(loader, desc=f"ats {args.model}", unit="batch"):
             images = images.to(device)
             dense_pred.append(model(images).argmax(-1).cpu())
-            apply_ats(model, blocks=blocks, budget=per_block, sampler=args.sampler)
+            apply_ats(model, blocks=blocks, budget=per_block, **options)
             result = trace(model, images)
             remove_ats(model)
             ats_pred.append(result.logits.argmax(-1).cpu())
@@ -146,7 +158,8 @@ def run(args) -> int:
     ]
 
     print(f"{args.model} on {args.data} ({args.split}, {len(labels)} images), ATS blocks {config['blocks']}, "
-          f"budget {per_block}, sampler {args.sampler}")
+          f"budget {per_block}, sampler {args.sampler}, schedule {args.schedule}, fuse {args.fuse}"
+          f"{', static' if args.static else ''}")
     print(f"  accuracy: dense {100 * acc_dense:.2f}%  ATS {100 * acc_ats:.2f}%")
     print(f"  GMACs/image: dense {dense_gmacs:.4f}  ATS mean {record['gmacs']['ats']['mean']:.4f} "
           f"(p5 {record['gmacs']['ats']['p5']:.4f}, p95 {record['gmacs']['ats']['p95']:.4f}), "

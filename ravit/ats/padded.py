@@ -1,0 +1,149 @@
+"""ATS on padded slots with token sizes: the executor of ``static=True`` and ``fuse="nearest"`` (ravit's options
+beyond Fayyaz et al., ECCV 2022; see :mod:`ravit.ats.config`).
+
+Every image holds the same number of slots, (B, L, C). A slot carries a *size*: how many original tokens it stands
+for (1 for a token, more once dropped tokens were fused into it, 0 for an empty slot). Attention adds log(size) to
+each key's logit when fusion is on (proportional attention, ToMe Sec. 3: a slot holding s tokens weighs like s
+copies) and masks empty slots out (log 0 = -inf) always, so an image never attends to another image's padding.
+
+An ATS block scores the tokens by the class token's attention times the value norm (ATS Eq. 3, with the same key
+bias), samples K of the patch slots, moves the kept ones to the front in their input order, and runs queries, the
+projection and the MLP on ``P + width`` slots only. ``width`` is K with ``static=True`` (shapes depend on the
+budget alone: export-friendly) and the batch's largest kept count otherwise. With fusion, each dropped token's
+block input is averaged into the kept slot whose key is most similar (cosine of the keys averaged over heads),
+weighted by size; otherwise it leaves the computation.
+
+Written here rather than on the ragged path of :mod:`ravit.ats.block` because shapes must not depend on the data
+for export, and sizes are per slot; the ragged path stays the exact, fastest form of the paper's algorithm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ravit.ats.block import Tokens
+
+__all__ = ["Slots", "padded_block_forward", "to_tokens"]
+
+Keep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Slots(NamedTuple):
+    """Per-call token state between blocks (never stored on a module).
+
+    x: (B, L, C) tokens, each image's prefix tokens first; empty slots hold finite values that nothing reads.
+    size: (B, L) float, original tokens held by each slot; 0 marks an empty slot.
+    ids: (B, L) int64 original patch index of each slot's own token (-1 for prefix tokens and empty slots).
+    """
+
+    x: torch.Tensor
+    size: torch.Tensor
+    ids: torch.Tensor
+
+
+def to_tokens(slots: Slots) -> Tokens:
+    """The filled slots as ragged :class:`~ravit.ats.block.Tokens` (for ``trace``): packed rows, counts, ids."""
+    filled = slots.size > 0  # (B, L)
+    return Tokens(slots.x[filled], filled.sum(dim=1), slots.ids[filled], slots.x.shape[1])
+
+
+def _key_bias(size: torch.Tensor, proportional: bool, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, 1, L) additive attention bias: log(size) (proportional attention) or 0, and -inf for empty slots."""
+    bias = size.log() if proportional else torch.where(size > 0, 0.0, float("-inf"))
+    return bias.to(dtype)[:, None, None, :]
+
+
+def _scores(q_cls: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, L) class-attention x value-norm scores (ATS Eq. 3) of (B, H, L, D) keys/values under the key ``bias``."""
+    B, H, L, D = k.shape
+    logits = (q_cls[:, :, None] @ k.transpose(-2, -1)).squeeze(2) * scale + bias[:, 0]  # (B, H, L)
+    attn = logits.float().softmax(dim=-1).sum(dim=1)  # (B, L)
+    return attn * torch.linalg.vector_norm(v.transpose(1, 2).reshape(B, L, H * D).float(), dim=-1)
+
+
+def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` (B, L') of ``t`` (B, L, ...) along dim 1."""
+    return t.gather(1, index.view(*index.shape, *([1] * (t.ndim - 2))).expand(-1, -1, *t.shape[2:]))
+
+
+def _front(keep: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot order putting each row's kept entries first, in input order: (B, width) indices and their fill mask."""
+    n = keep.shape[1]
+    rank = torch.arange(n, device=keep.device).expand_as(keep) + (~keep).long() * n  # kept: index; others: after
+    order = rank.topk(width, dim=1, largest=False, sorted=True).indices  # (B, width)
+    return order, keep.gather(1, order)
+
+
+def _fuse(x_kept: torch.Tensor, size_kept: torch.Tensor, x_in: torch.Tensor, w_in: torch.Tensor,
+          metric_in: torch.Tensor, metric_kept: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average every weighted input token (``w_in`` > 0: the dropped ones) into its most similar filled kept patch
+    slot, by size: returns the new (B, L', C) tokens and (B, L') sizes.
+
+    x_kept (B, L', C), size_kept (B, L'), x_in (B, N, C), w_in (B, N), metric_in (B, N, D), metric_kept (B, L', D);
+    the first ``num_prefix`` kept slots (class token, ...) never absorb a token.
+    """
+    with torch.no_grad():  # the matching is a discrete choice
+        sim = metric_in @ metric_kept.transpose(1, 2)  # (B, N, L')
+        absorbs = F.pad(size_kept[:, num_prefix:] > 0, (num_prefix, 0), value=False)  # (B, L')
+        target = sim.masked_fill(~absorbs[:, None, :], float("-inf")).argmax(dim=-1)  # (B, N)
+    C = x_kept.shape[-1]
+    total = (x_kept * size_kept[..., None]).scatter_add(
+        1, target[..., None].expand(-1, -1, C), x_in * w_in[..., None].to(x_in.dtype))  # (B, L', C)
+    size = size_kept.scatter_add(1, target, w_in)  # (B, L')
+    return total / size.clamp(min=1e-12)[..., None].to(total.dtype), size
+
+
+def padded_block_forward(block: nn.Module, slots: Slots, num_prefix: int, proportional: bool,
+                         keep_fn: Keep | None = None, width: int | None = None, fuse: bool = False) -> Slots:
+    """One pre-norm timm ``Block`` on padded slots; with ``keep_fn``, an ATS block.
+
+    Args:
+        block: a ``timm.models.vision_transformer.Block`` with ``timm.layers.Attention``.
+        slots: the input slots.
+        num_prefix: prefix tokens (class first) at the front of every image; never dropped.
+        proportional: add log(size) to the keys' logits (else only empty slots are masked).
+        keep_fn: ``keep_fn(scores, valid) -> keep`` over the patch slots, all (B, L - num_prefix); None keeps all.
+        width: patch slots after the block (an ATS block): K for static shapes, None for the largest kept count.
+        fuse: average dropped tokens into their most similar kept token instead of dropping them.
+    """
+    attn = block.attn
+    B, L, C = slots.x.shape
+    H, D, P = attn.num_heads, attn.head_dim, num_prefix
+
+    h = block.norm1(slots.x)  # (B, L, C)
+    q, k, v = attn.qkv(h).view(B, L, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, D) each
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    bias = _key_bias(slots.size, proportional, q.dtype)  # (B, 1, 1, L)
+
+    x, size, ids = slots
+    if keep_fn is not None:
+        with torch.no_grad():  # scores and the matching only steer discrete choices
+            valid = slots.size[:, P:] > 0  # (B, L - P)
+            keep = keep_fn(_scores(q[:, :, 0], k, v, bias, attn.scale)[:, P:], valid) & valid
+            if width is None:
+                width = int(keep.sum(dim=1).max())
+            order, filled = _front(keep, width)  # (B, width) each
+            prefix = torch.arange(P, device=x.device).expand(B, P)
+            index = torch.cat([prefix, order + P], dim=1)  # (B, P + width)
+        q, h = q.gather(2, index[:, None, :, None].expand(-1, H, -1, D)), _gather(h, index)
+        x, ids = _gather(x, index), _gather(ids, index)
+        size = _gather(size, index) * F.pad(filled, (P, 0), value=True)  # (B, P + width), 0 for empty slots
+
+    dropout_p = attn.attn_drop.p if attn.training else 0.0
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)  # (B, H, L', D)
+    o = attn.norm(o.transpose(1, 2).flatten(2))  # (B, L', A)
+    if attn.gate is not None:
+        o = o * attn.gate(h).sigmoid()
+    x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(o))))
+    if keep_fn is not None and fuse:
+        metric = F.normalize(k.mean(dim=1), dim=-1)  # (B, L, D)
+        dropped = valid & ~keep  # (B, L - P)
+        weight = torch.where(dropped, slots.size[:, P:], 0.0)  # (B, L - P)
+        x, size = _fuse(x, size, slots.x[:, P:], weight, metric[:, P:], _gather(metric, index), P)
+    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return Slots(x, size, ids.masked_fill(size == 0, -1))
