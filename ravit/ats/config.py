@@ -168,8 +168,9 @@ class ATSConfig:
             raise InvalidArgumentError(f"unknown fuse {fuse!r}; choose one of {list(FUSIONS)}")
         if not isinstance(static, bool):
             raise InvalidArgumentError(f"static must be True or False, got {static!r}")
-        if schedule == "linear":
-            budget = _linear_schedule(budget, len(blocks), num_patches)
+        if schedule == "linear":  # counts fall along the blocks in depth order, whatever order they were given in
+            falling = dict(zip(sorted(blocks), _linear_schedule(budget, len(blocks), num_patches), strict=True))
+            budget = [falling[b] for b in blocks]
         if isinstance(budget, (list, tuple)):
             if len(budget) != len(blocks):
                 raise InvalidArgumentError(

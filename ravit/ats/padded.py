@@ -1,5 +1,5 @@
 """ATS on padded slots with token sizes: the executor of ``static=True`` and ``fuse="nearest"`` (ravit's options
-beyond Fayyaz et al., ECCV 2022; see :mod:`ravit.ats.config`).
+beyond Fayyaz et al., ECCV 2022; see :mod:`ravit.ats.config`), and of every mode on hosts other than timm's ViT.
 
 Every image holds the same number of slots, (B, L, C). A slot carries a *size*: how many original tokens it stands
 for (1 for a token, more once dropped tokens were fused into it, 0 for an empty slot). Attention adds log(size) to
@@ -12,6 +12,10 @@ projection and the MLP on ``P + width`` slots only. ``width`` is K with ``static
 budget alone: export-friendly) and the batch's largest kept count otherwise. With fusion, each dropped token's
 block input is averaged into the kept slot whose key is most similar (cosine of the keys averaged over heads),
 weighted by size; otherwise it leaves the computation.
+
+What differs between host families (timm ViT, Eva's rotary embedding, BEiT's relative position bias) comes in as
+the host's :class:`~ravit.ats.hosts.BlockOps`: positions follow each slot's original patch index (``Slots.ids``),
+so a kept token keeps its position wherever its slot moves.
 
 Written here rather than on the ragged path of :mod:`ravit.ats.block` because shapes must not depend on the data
 for export, and sizes are per slot; the ragged path stays the exact, fastest form of the paper's algorithm.
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ravit.ats.block import Tokens
+from ravit.ats.hosts import VIT_OPS, BlockOps
 
 __all__ = ["Slots", "padded_block_forward", "to_tokens"]
 
@@ -58,10 +63,16 @@ def _key_bias(size: torch.Tensor, proportional: bool, dtype: torch.dtype) -> tor
     return bias.to(dtype)[:, None, None, :]
 
 
+def _with_positions(key_bias: torch.Tensor, position_bias: torch.Tensor | None) -> torch.Tensor:
+    """The attention bias: the (B, 1, 1, L) key bias plus the host's (B, H, L', L) position bias, if any."""
+    return key_bias if position_bias is None else position_bias.to(key_bias.dtype) + key_bias
+
+
 def _scores(q_cls: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """(B, L) class-attention x value-norm scores (ATS Eq. 3) of (B, H, L, D) keys/values under the key ``bias``."""
+    """(B, L) class-attention x value-norm scores (ATS Eq. 3) of (B, H, L, D) keys/values under the class token's
+    (B, H or 1, 1, L) attention ``bias`` (empty slots, token sizes, and the host's position bias)."""
     B, H, L, D = k.shape
-    logits = (q_cls[:, :, None] @ k.transpose(-2, -1)).squeeze(2) * scale + bias[:, 0]  # (B, H, L)
+    logits = (q_cls[:, :, None] @ k.transpose(-2, -1)).squeeze(2) * scale + bias[:, :, 0]  # (B, H, L)
     attn = logits.float().softmax(dim=-1).sum(dim=1)  # (B, L)
     return attn * torch.linalg.vector_norm(v.transpose(1, 2).reshape(B, L, H * D).float(), dim=-1)
 
@@ -99,32 +110,38 @@ def _fuse(x_kept: torch.Tensor, size_kept: torch.Tensor, x_in: torch.Tensor, w_i
 
 
 def padded_block_forward(block: nn.Module, slots: Slots, num_prefix: int, proportional: bool,
-                         keep_fn: Keep | None = None, width: int | None = None, fuse: bool = False) -> Slots:
-    """One pre-norm timm ``Block`` on padded slots; with ``keep_fn``, an ATS block.
+                         keep_fn: Keep | None = None, width: int | None = None, fuse: bool = False,
+                         ops: BlockOps | None = None) -> Slots:
+    """One pre-norm block on padded slots; with ``keep_fn``, an ATS block.
 
     Args:
-        block: a ``timm.models.vision_transformer.Block`` with ``timm.layers.Attention``.
+        block: a block of a host in :mod:`ravit.ats.hosts`: a ``timm.models.vision_transformer.Block`` with
+            ``timm.layers.Attention`` unless ``ops`` says otherwise.
         slots: the input slots.
         num_prefix: prefix tokens (class first) at the front of every image; never dropped.
         proportional: add log(size) to the keys' logits (else only empty slots are masked).
         keep_fn: ``keep_fn(scores, valid) -> keep`` over the patch slots, all (B, L - num_prefix); None keeps all.
         width: patch slots after the block (an ATS block): K for static shapes, None for the largest kept count.
         fuse: average dropped tokens into their most similar kept token instead of dropping them.
+        ops: the host's :class:`~ravit.ats.hosts.BlockOps` (positions by ``slots.ids``, attention output, layer
+            scale); None for a timm ViT ``Block``.
     """
+    ops = VIT_OPS if ops is None else ops
     attn = block.attn
-    B, L, C = slots.x.shape
-    H, D, P = attn.num_heads, attn.head_dim, num_prefix
+    P = num_prefix
 
     h = block.norm1(slots.x)  # (B, L, C)
-    q, k, v = attn.qkv(h).view(B, L, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, D) each
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    bias = _key_bias(slots.size, proportional, q.dtype)  # (B, 1, 1, L)
+    q, k, v = ops.qkv(block, h, slots.ids)  # (B, H, L, D) each, positions applied
+    B, H, L, D = q.shape
+    key_bias = _key_bias(slots.size, proportional, q.dtype)  # (B, 1, 1, L)
 
     x, size, ids = slots
     if keep_fn is not None:
         with torch.no_grad():  # scores and the matching only steer discrete choices
             valid = slots.size[:, P:] > 0  # (B, L - P)
-            keep = keep_fn(_scores(q[:, :, 0], k, v, bias, attn.scale)[:, P:], valid) & valid
+            cls_positions = ops.position_bias(block, slots.ids[:, :1], slots.ids)  # (B, H, 1, L) or None
+            cls_bias = _with_positions(key_bias, cls_positions)  # (B, H|1, 1, L)
+            keep = keep_fn(_scores(q[:, :, 0], k, v, cls_bias, attn.scale)[:, P:], valid) & valid
             if width is None:
                 width = int(keep.sum(dim=1).max())
             order, filled = _front(keep, width)  # (B, width) each
@@ -134,16 +151,15 @@ def padded_block_forward(block: nn.Module, slots: Slots, num_prefix: int, propor
         x, ids = _gather(x, index), _gather(ids, index)
         size = _gather(size, index) * F.pad(filled, (P, 0), value=True)  # (B, P + width), 0 for empty slots
 
+    bias = _with_positions(key_bias, ops.position_bias(block, ids, slots.ids))  # (B, H|1, L', L)
     dropout_p = attn.attn_drop.p if attn.training else 0.0
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)  # (B, H, L', D)
-    o = attn.norm(o.transpose(1, 2).flatten(2))  # (B, L', A)
-    if attn.gate is not None:
-        o = o * attn.gate(h).sigmoid()
-    x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(o))))
+    o = ops.attn_out(block, o.transpose(1, 2).flatten(2), h)  # (B, L', C)
+    x = x + block.drop_path1(ops.scale1(block, o))
     if keep_fn is not None and fuse:
         metric = F.normalize(k.mean(dim=1), dim=-1)  # (B, L, D)
         dropped = valid & ~keep  # (B, L - P)
         weight = torch.where(dropped, slots.size[:, P:], 0.0)  # (B, L - P)
         x, size = _fuse(x, size, slots.x[:, P:], weight, metric[:, P:], _gather(metric, index), P)
-    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    x = x + block.drop_path2(ops.scale2(block, block.mlp(block.norm2(x))))
     return Slots(x, size, ids.masked_fill(size == 0, -1))

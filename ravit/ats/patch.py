@@ -1,9 +1,10 @@
-"""``apply_ats`` / ``remove_ats``: Adaptive Token Sampling (Fayyaz et al., ECCV 2022) plugged into a timm ViT.
+"""``apply_ats`` / ``remove_ats``: Adaptive Token Sampling (Fayyaz et al., ECCV 2022) plugged into a timm ViT, Eva
+or Beit (the hosts of :mod:`ravit.ats.hosts`).
 
 The model's class is swapped for a subclass whose ``forward_features`` runs the blocks on ragged tokens
-(:mod:`ravit.ats.block`); blocks, parameters and buffers are untouched, so ``state_dict`` keys stay the same and
-weights load before or after patching. The settings live in ``model.ats_config`` (a frozen dataclass, not a
-parameter); per-call token state lives in local variables only.
+(:mod:`ravit.ats.block`, timm ViT) or padded slots (:mod:`ravit.ats.padded`); blocks, parameters and buffers are
+untouched, so ``state_dict`` keys stay the same and weights load before or after patching. The settings live in
+``model.ats_config`` (a frozen dataclass, not a parameter); per-call token state lives in local variables only.
 """
 
 from __future__ import annotations
@@ -12,23 +13,19 @@ import functools
 from collections.abc import Iterable, Sequence
 
 import torch
-from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ravit.ats.block import Tokens, block_forward, unpack
 from ravit.ats.config import ATSConfig, Budget, Sampler
+from ravit.ats.hosts import HOSTS, Host, host_of
 from ravit.ats.padded import Slots, padded_block_forward, to_tokens
 from ravit.ats.sampling import samples_per_image, static_sampler
 from ravit.errors import InvalidArgumentError
 
 __all__ = ["apply_ats", "remove_ats", "has_ats", "ats_forward_features", "UnsupportedModelError"]
 
-SUPPORTED = (
-    "ATS supports timm VisionTransformer models with a class token read by the head (global_pool='token'): ViT, "
-    "DeiT, DeiT distilled, ViTs with register tokens, built from timm's pre-norm Block and Attention"
-)
+SUPPORTED = "ATS supports " + "; ".join(host.description for host in HOSTS)
 
 
 class UnsupportedModelError(InvalidArgumentError):
@@ -47,24 +44,19 @@ def _check_host(model: nn.Module) -> None:
     if getattr(model, "tome_config", None) is not None:  # ravit.tome's marker (tome imports this module, not back)
         raise InvalidArgumentError(
             "ToMe is applied to this model; call ravit.remove_tome(model) first (ATS and ToMe do not combine)")
-    if not isinstance(model, VisionTransformer):
+    host = host_of(model)
+    if host is None:
         raise UnsupportedModelError(f"{SUPPORTED}; got {type(model).__name__}")
-    if model.cls_token is None:
-        raise UnsupportedModelError(
-            f"{SUPPORTED}; this model has no class token (a global-pool ViT), and ATS scores tokens by the class "
-            f"token's attention"
-        )
-    if model.global_pool != "token" or model.attn_pool is not None:
-        raise UnsupportedModelError(f"{SUPPORTED}; this model pools with {model.global_pool!r}")
+    reason = host.check(model)
+    if reason is not None:
+        raise UnsupportedModelError(f"{SUPPORTED}; {reason}")
 
 
-def _check_blocks(model: VisionTransformer, first: int) -> None:
-    """Blocks from the first ATS block on run through :func:`block_forward`, which knows timm's Block only."""
-    for i, block in enumerate(model.blocks):
-        if i >= first and (type(block) is not Block or type(block.attn) is not Attention):
-            raise UnsupportedModelError(
-                f"{SUPPORTED}; block {i} is {type(block).__name__} with {type(getattr(block, 'attn', None)).__name__}"
-            )
+def _check_blocks(model: nn.Module, first: int) -> None:
+    """Blocks from the first ATS block on run through the host's adapter, which knows the host's own block only."""
+    reason = host_of(model).check_blocks(model, first)
+    if reason is not None:
+        raise UnsupportedModelError(f"{SUPPORTED}; {reason}")
 
 
 class _ATSModel:
@@ -92,7 +84,7 @@ def _select(scores: torch.Tensor, valid: torch.Tensor, sampler: Sampler, budget:
     return sampler(scores, valid, samples_per_image(budget, valid.sum(dim=1), n_ref))
 
 
-def _check_images(model: VisionTransformer, images: torch.Tensor) -> None:
+def _check_images(model: nn.Module, images: torch.Tensor) -> None:
     """A float (B, C, H, W) batch with the model's channels: integer pixels (uint8 0..255) would not be normalised."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -109,7 +101,7 @@ def _check_images(model: VisionTransformer, images: torch.Tensor) -> None:
 
 
 def ats_forward_features(
-    model: VisionTransformer, images: torch.Tensor, record: list[Tokens] | None = None
+    model: nn.Module, images: torch.Tensor, record: list[Tokens] | None = None
 ) -> torch.Tensor:
     """``forward_features`` of an ATS model: (B, L, C) tokens, zero past each image's count.
 
@@ -119,8 +111,9 @@ def ats_forward_features(
         record: if given, the tokens leaving each ATS block are appended to it (used by ``trace``).
     """
     cfg: ATSConfig = model.ats_config
+    host = host_of(model)
     _check_images(model, images)
-    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))  # (B, N, C)
+    x, positions = host.embed(model, images)  # (B, N, C), the host's per-call position data
     B, N, C = x.shape
     P = model.num_prefix_tokens
     if B == 0:  # an empty batch gives an empty result, as the host model's dense forward does
@@ -130,10 +123,13 @@ def ats_forward_features(
             record.extend([empty] * len(cfg.blocks))
         return model.norm(x)
     use_checkpoint = model.grad_checkpointing and torch.is_grad_enabled()
-    for block in model.blocks[: cfg.blocks[0]]:  # dense blocks before the first ATS block: the host's own forward
-        x = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
-    if cfg.padded:
-        return _padded_features(model, x, record, use_checkpoint)
+    for i in range(cfg.blocks[0]):  # dense blocks before the first ATS block: the host's own forward
+        if use_checkpoint:
+            x = checkpoint(host.dense_block, model, i, x, positions, use_reentrant=False)
+        else:
+            x = host.dense_block(model, i, x, positions)
+    if cfg.padded or not host.ragged:
+        return _padded_features(model, host, x, positions, record, use_checkpoint)
 
     ids = torch.cat([torch.full((P,), -1), torch.arange(N - P)]).to(images.device).repeat(B)  # (B·N,)
     tokens = Tokens(x.reshape(B * N, C), torch.full((B,), N, device=images.device), ids, N)
@@ -153,9 +149,10 @@ def ats_forward_features(
     return x
 
 
-def _padded_features(model: VisionTransformer, x: torch.Tensor, record: list[Tokens] | None, use_checkpoint: bool
-                     ) -> torch.Tensor:
-    """The blocks from the first ATS block on, on padded slots (:mod:`ravit.ats.padded`): ``static`` or ``fuse``."""
+def _padded_features(model: nn.Module, host: Host, x: torch.Tensor, positions: object, record: list[Tokens] | None,
+                     use_checkpoint: bool) -> torch.Tensor:
+    """The blocks from the first ATS block on, on padded slots (:mod:`ravit.ats.padded`): ``static``, ``fuse``, or
+    any mode on a host without a ragged path (the width then follows the batch's largest kept count)."""
     cfg: ATSConfig = model.ats_config
     B, N, _ = x.shape
     P = model.num_prefix_tokens
@@ -168,10 +165,11 @@ def _padded_features(model: VisionTransformer, x: torch.Tensor, record: list[Tok
         if i in budgets:
             if cfg.static:
                 width = min(budgets[i], slots.x.shape[1] - P)
-                keep_fn = static_sampler(sampler, width)
+                keep_fn = static_sampler(sampler, budgets[i])  # K as given; width only caps the slots
             else:
                 keep_fn = functools.partial(_select, sampler=sampler, budget=budgets[i], n_ref=N - P)
-        args = (model.blocks[i], slots, P, cfg.fuse != "none", keep_fn, width, cfg.fuse != "none")
+        ops = host.block_ops(model, i, positions)
+        args = (model.blocks[i], slots, P, cfg.fuse != "none", keep_fn, width, cfg.fuse != "none", ops)
         slots = checkpoint(padded_block_forward, *args, use_reentrant=False) if use_checkpoint else \
             padded_block_forward(*args)
         if record is not None and keep_fn is not None:
@@ -189,10 +187,12 @@ def apply_ats(
     fuse: str = "none",
     static: bool = False,
 ) -> nn.Module:
-    """Patch a timm ViT in place with Adaptive Token Sampling and return it.
+    """Patch a timm ViT, Eva or Beit in place with Adaptive Token Sampling and return it.
 
     Args:
-        model: a timm ``VisionTransformer`` with a class token (see ``SUPPORTED``).
+        model: a timm ``VisionTransformer``, ``Eva`` or ``Beit`` with a class token read by the head (see
+            ``SUPPORTED``). Eva and Beit run every mode on padded slots (:mod:`ravit.ats.padded`); the paper's
+            default mode there keeps each image's sampled tokens, padded to the batch's largest count and masked.
         blocks: indices of the blocks that sample tokens (0-based; the paper's DeiT-S uses 3..11, Sec. 4).
         budget: K per ATS block: None (the released default, "all tokens": K = the original patch count), an int
             count of patch tokens, a ratio in (0, 1] of the patch tokens entering the block, or one per block.

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 from timm.layers import Attention
+from timm.models.beit import Beit
+from timm.models.eva import Eva
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -75,12 +77,30 @@ def _check_host(model: nn.Module) -> None:
     if has_ats(model):
         raise InvalidArgumentError("ATS is applied to this model; call ravit.remove_ats(model) before applying ToMe")
     if not isinstance(model, VisionTransformer):
-        raise UnsupportedModelError(f"{SUPPORTED}; got {type(model).__name__}")
+        reason = _positions_in_attention(model)
+        raise UnsupportedModelError(f"{SUPPORTED}; got {type(model).__name__}" + (f": {reason}" if reason else ""))
     for i, block in enumerate(model.blocks):
         if type(block) is not Block or type(getattr(block, "attn", None)) is not Attention:
             raise UnsupportedModelError(
                 f"{SUPPORTED}; block {i} is {type(block).__name__} with {type(getattr(block, 'attn', None)).__name__}"
             )
+
+
+def _positions_in_attention(model: nn.Module) -> str | None:
+    """Why merging is undefined on a host whose attention reads each token's patch position (Eva's rotary embedding,
+    BEiT's relative position bias), or None for other hosts."""
+    if isinstance(model, Eva) and model.rope is not None:
+        kind = "rotates each token's query and key by its patch position (rotary position embedding)"
+    elif isinstance(model, Beit) and (model.rel_pos_bias is not None or any(
+            getattr(block.attn, "relative_position_bias_table", None) is not None for block in model.blocks)):
+        kind = "adds a bias per (query position, key position) pair (relative position bias)"
+    else:
+        return None
+    return (
+        f"its attention {kind} in every block, and a merged token is a size-weighted average of several patches at "
+        f"different positions (Bolya et al., ICLR 2023, Sec. 3), to which neither rotation nor bias applies: ToMe "
+        f"defines no position for it, and any choice (the destination token's, an average) would change what the "
+        f"attention computes; ravit.apply_ats keeps or drops whole tokens, each at its own position, on these models")
 
 
 class _ToMeModel:
