@@ -62,10 +62,9 @@ def throughput(model: torch.nn.Module, images: torch.Tensor, runs: int, budget) 
     return images.shape[0] / statistics.median(dense), images.shape[0] / statistics.median(ats)
 
 
-def ceiling_forward(model: torch.nn.Module, counts: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A forward of ``model`` (one image) whose ATS block i keeps the first ``counts[i]`` tokens: the queries, the
+def ceiling_forward(model: torch.nn.Module, kept: dict[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A forward of ``model`` (one image) whose ATS block i keeps the first ``kept[i]`` tokens: the queries, the
     residual and the MLP run on that prefix, keys and values on the block input, as in ATS, minus its selection."""
-    kept = dict(zip(BLOCKS, counts, strict=True))
 
     def block(blk: torch.nn.Module, x: torch.Tensor, n: int) -> torch.Tensor:
         attn = blk.attn
@@ -89,7 +88,7 @@ def ceiling_throughput(model: torch.nn.Module, image: torch.Tensor, runs: int, b
     apply_ats(model, blocks=BLOCKS, budget=budget)
     counts = trace(model, image, count_gmacs=False).kept_tokens[0].tolist()
     remove_ats(model)
-    ceiling = ceiling_forward(model, counts)
+    ceiling = ceiling_forward(model, dict(zip(BLOCKS, counts, strict=True)))
     dense, best = [], []
     with torch.inference_mode():
         for i in range(runs + 1):

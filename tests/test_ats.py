@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from ats_helpers import peaky_vit
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
@@ -13,18 +14,6 @@ from ravit.ats import UnsupportedModelError, apply_ats, has_ats, remove_ats, tra
 from ravit.ats.sampling import class_attention_scores, topk_sampling
 from ravit.bench.flops import count_gmacs
 from ravit.errors import InvalidArgumentError
-
-
-def peaky_vit(seed: int = 0, **kwargs) -> VisionTransformer:
-    """A tiny ViT whose random weights are large enough that images keep different numbers of tokens."""
-    cfg = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=5, qkv_bias=True)
-    torch.manual_seed(seed)
-    model = VisionTransformer(**{**cfg, **kwargs})
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim > 1 or "token" in name or "pos" in name:
-                p.normal_(0, 0.2)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

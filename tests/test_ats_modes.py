@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from ats_helpers import assert_batch_independent, peaky_vit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from timm.models.vision_transformer import VisionTransformer
@@ -26,19 +27,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors on a busy 2-c
 
 BLOCKS = [1, 2, 3]
 SAMPLER_NAMES = ["inverse_transform", "topk"]
-
-
-def peaky_vit(seed: int = 0, **kwargs) -> VisionTransformer:
-    """A tiny ViT whose random weights are large enough that images keep different numbers of tokens
-    (as in tests/test_ats.py)."""
-    cfg = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=5, qkv_bias=True)
-    torch.manual_seed(seed)
-    model = VisionTransformer(**{**cfg, **kwargs})
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim > 1 or "token" in name or "pos" in name:
-                p.normal_(0, 0.2)
-    return model.eval()
 
 
 def zoo_model() -> VisionTransformer:
@@ -431,14 +419,10 @@ def test_no_drop_and_no_fuse_is_the_dense_model(images):
 )
 def test_batch_independence(images, kwargs):
     model = apply_ats(peaky_vit(), blocks=BLOCKS, budget=0.2, schedule="linear", **kwargs)
+    assert_batch_independent(model, images)
     batched = trace(model, images, count_gmacs=False)
-    for i in range(len(images)):
-        alone = trace(model, images[i: i + 1], count_gmacs=False)
-        assert torch.equal(alone.kept_tokens[0], batched.kept_tokens[i])
-        for s in range(3):
-            assert torch.equal(alone.kept_indices[s][0], batched.kept_indices[s][i])
-        torch.testing.assert_close(alone.logits[0], batched.logits[i], atol=1e-5, rtol=0)
-        with torch.no_grad():
+    with torch.no_grad():
+        for i in range(len(images)):
             torch.testing.assert_close(model(images[i: i + 1])[0], batched.logits[i], atol=1e-5, rtol=0)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ravit._plugin import TokenReducer, attach, detach
 from ravit.ats.block import Tokens, block_forward, unpack
 from ravit.ats.config import ATSConfig, Budget, Sampler
 from ravit.ats.hosts import HOSTS, Host, host_of
@@ -59,25 +60,14 @@ def _check_blocks(model: nn.Module, first: int) -> None:
         raise UnsupportedModelError(f"{SUPPORTED}; {reason}")
 
 
-class _ATSModel:
-    """Methods that replace the host ViT's while ATS is applied (mixed in front of the host class)."""
+class _ATSModel(TokenReducer):
+    """What replaces the host's forward while ATS is applied (``ravit.ats.trace`` reports per-image tokens)."""
 
-    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
-        if attn_mask is not None or is_causal:
-            raise InvalidArgumentError(
-                "attn_mask / is_causal are not supported with ATS (tokens are dropped per image)")
-        return ats_forward_features(self, x)
+    _name = "ATS"
+    _why = "tokens are dropped per image; ravit.ats.trace(model, images) reports them"
 
-    def forward_intermediates(self, *args, **kwargs):
-        raise NotImplementedError(
-            "forward_intermediates is not available while ATS is applied (token counts differ per image); "
-            "use ravit.ats.trace(model, images) or ravit.remove_ats(model)"
-        )
-
-
-@functools.cache
-def _ats_class(host: type) -> type:
-    return type(f"ATS{host.__name__}", (_ATSModel, host), {"_ats_host": host})
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        return ats_forward_features(self, images)
 
 
 def _select(scores: torch.Tensor, valid: torch.Tensor, sampler: Sampler, budget: Budget, n_ref: int) -> torch.Tensor:
@@ -216,15 +206,11 @@ def apply_ats(
         schedule=schedule, fuse=fuse, static=static,
     )
     _check_blocks(model, config.blocks[0])
-    model.__class__ = _ats_class(type(model))
-    model.ats_config = config
-    return model
+    return attach(model, _ATSModel, "ats_config", config)
 
 
 def remove_ats(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_ats`: the original class back, the settings dropped; returns ``model``."""
     if not has_ats(model):
         raise InvalidArgumentError("this model has no ATS applied (nothing to remove)")
-    model.__class__ = model._ats_host
-    del model.ats_config
-    return model
+    return detach(model, "ats_config")

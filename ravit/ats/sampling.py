@@ -219,10 +219,16 @@ def static_sampler(sampler, k: int):
     """``keep(scores, valid)`` taking K = ``k`` samples per row with no data-dependent shape or branch (for
     ``static=True``): the built-in samplers on their masked path, a user's callable as it is."""
     if sampler is inverse_transform_sampling:
-        return lambda scores, valid: _sample_masked(scores, valid, _full_k(valid, k), max(k, 1), sort=stable_sort)
+        return lambda scores, valid: _sample_masked(scores, valid, _full_k(valid, k), max(k, 1), sort=_export_sort())
     if sampler is topk_sampling:
-        return lambda scores, valid: topk_sampling(scores, valid, _full_k(valid, k), sort=stable_sort)
+        return lambda scores, valid: topk_sampling(scores, valid, _full_k(valid, k), sort=_export_sort())
     return lambda scores, valid: sampler(scores, valid, _full_k(valid, k))
+
+
+def _export_sort():
+    """:func:`stable_sort` while a graph is captured (export, ONNX, ``torch.compile``), ``torch.sort`` in eager mode:
+    the same order either way, the O(N log N) kernel where nothing needs to translate it."""
+    return stable_sort if torch.compiler.is_compiling() else _torch_sort
 
 
 def _full_k(valid: torch.Tensor, k: int) -> torch.Tensor:

@@ -12,7 +12,6 @@ exports (``torch.export``, ONNX) and compiles (``torch.compile(fullgraph=True)``
 
 from __future__ import annotations
 
-import functools
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ravit._plugin import TokenReducer, attach, detach
 from ravit.ats.patch import UnsupportedModelError, _check_images, has_ats
 from ravit.errors import InvalidArgumentError
 from ravit.tome.block import block_forward
@@ -103,24 +103,14 @@ def _positions_in_attention(model: nn.Module) -> str | None:
         f"attention computes; ravit.apply_ats keeps or drops whole tokens, each at its own position, on these models")
 
 
-class _ToMeModel:
-    """Methods that replace the host ViT's while ToMe is applied (mixed in front of the host class)."""
+class _ToMeModel(TokenReducer):
+    """What replaces the host's forward while ToMe is applied."""
 
-    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
-        if attn_mask is not None or is_causal:
-            raise InvalidArgumentError("attn_mask / is_causal are not supported with ToMe (tokens merge per block)")
-        return tome_forward_features(self, x)
+    _name = "ToMe"
+    _why = "tokens merge block by block"
 
-    def forward_intermediates(self, *args, **kwargs):
-        raise NotImplementedError(
-            "forward_intermediates is not available while ToMe is applied (each block has fewer tokens); "
-            "use ravit.tome.remove_tome(model)"
-        )
-
-
-@functools.cache
-def _tome_class(host: type) -> type:
-    return type(f"ToMe{host.__name__}", (_ToMeModel, host), {"_tome_host": host})
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        return tome_forward_features(self, images)
 
 
 def tome_forward_features(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
@@ -167,15 +157,11 @@ def apply_tome(model: nn.Module, r: int | Sequence[int], prop_attn: bool = True,
         raise InvalidArgumentError(f"prop_attn must be True or False, got {prop_attn!r}")
     _check_host(model)
     config = ToMeConfig(r=_parse_r(r, len(model.blocks)), prop_attn=prop_attn)
-    model.__class__ = _tome_class(type(model))
-    model.tome_config = config
-    return model
+    return attach(model, _ToMeModel, "tome_config", config)
 
 
 def remove_tome(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_tome`: the original class back, the settings dropped; returns ``model``."""
     if not has_tome(model):
         raise InvalidArgumentError("this model has no ToMe applied (nothing to remove)")
-    model.__class__ = model._tome_host
-    del model.tome_config
-    return model
+    return detach(model, "tome_config")
