@@ -101,6 +101,10 @@ def ats_forward_features(
         record: if given, the tokens leaving each ATS block are appended to it (used by ``trace``).
     """
     cfg: ATSConfig = model.ats_config
+    if not cfg.static and torch.compiler.is_exporting():
+        raise InvalidArgumentError(
+            "this ATS model keeps a data-dependent number of tokens per image, so it cannot be exported; apply ATS "
+            "with static=True (int budgets, or schedule='linear') for torch.export and ONNX")
     host = host_of(model)
     _check_images(model, images)
     x, positions = host.embed(model, images)  # (B, N, C), the host's per-call position data

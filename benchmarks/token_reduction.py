@@ -1,0 +1,346 @@
+"""Token reduction side by side: dense, every ATS mode, ATS Top-K and ToMe, on one model, in one run.
+
+    python benchmarks/token_reduction.py accuracy --model fmnist_deit_p4 --limit 10000 --json tr.json [--png tr.png]
+    python benchmarks/token_reduction.py speed --model deit_small_patch16_224 --batch 1 64 [--json speed.json]
+
+``accuracy`` (a zoo model on the first ``--limit`` Fashion-MNIST test images) writes a JSON list of rows
+``{"method", "setting", "gmacs", "dense_gmacs", "top1"}`` (GMACs per image, FlopCounterMode, mean over the first
+``--gmacs-images``; top-1 in percent) and a PNG of top-1 against GMACs with each point's setting written beside it.
+It also prints, for GMACs ratios from 0.45 to 0.8, the best ATS mode against ToMe interpolated over r at that ratio.
+
+Methods (ATS: Fayyaz et al., ECCV 2022; ToMe: Bolya et al., ICLR 2023; options in :mod:`ravit.ats.config`):
+
+- ``dense``; ``tome``: ``ravit.apply_tome(model, r)``, setting r;
+- ``ats``: the paper's algorithm (inverse transform sampling, the budget at every ATS block), setting the budget;
+- ``ats-topk``: the paper's Top-K baseline, same budgets;
+- ``ats-linear``: inverse transform, ``schedule="linear"`` (setting "first-last:K": ATS blocks, tokens left at the end);
+- ``ats-fused`` / ``ats-topk-fused``: ``schedule="linear"`` and ``fuse="nearest"``, for three placements of the
+  first ATS block (one before the paper's, the paper's, one after); ``ats-topk-fused`` also from block 0 with a
+  light first cut (explicit per-block budgets, setting "0-last:K0/K1/...").
+
+``speed`` times dense and, for each method, the setting whose GMACs ratio is nearest each ``--targets`` value
+(found on ``--probe`` images), interleaved call by call on the same batch, and prints images/s, the speed-up, the
+GMACs ratio and the speed-up over the GMACs gain; at batch 1 also each ATS setting's share of its zero-overhead
+ceiling (``benchmarks/ats_speed.py``: the same per-block token counts as free prefix slices, no selection).
+ATS runs as ``static=True`` where the mode allows (fixed shapes, one batched attention call); ``ats`` and
+``ats-linear`` (inverse transform, adaptive counts) run on their ragged path.
+A zoo name runs on Fashion-MNIST test images, any other timm name on random weights and images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import ravit
+from ravit.ats import apply_ats, trace
+from ravit.bench.flops import count_gmacs
+from ravit.data.datasets import create_dataset
+from ravit.data.model_input import ModelInput
+from ravit.errors import InvalidArgumentError
+from ravit.models.zoo import list_zoo
+from ravit.outputs import write_bytes, write_json
+from ravit.tome import apply_tome, max_merges
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ats_speed import ceiling_forward  # noqa: E402  (the zero-overhead ceiling of benchmarks/ats_speed.py)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One point of a curve: how to reduce the model, and the label of the setting."""
+
+    method: str
+    setting: str | int | float
+    apply: Callable[[torch.nn.Module], torch.nn.Module]
+
+
+def first_ats_block(depth: int) -> int:
+    """The paper's first ATS block scaled to the depth: block 3 of DeiT-S's 12 (ATS Sec. 4), block 1 of 4."""
+    return max(1, round(depth / 4))
+
+
+def methods(model: torch.nn.Module) -> Iterator[Method]:
+    """Every valid setting of every method for ``model`` (a timm ViT with a class token): settings the model refuses
+    (a compounding ratio that leaves no token on a deep model) are left out."""
+    for m in _all_methods(model):
+        try:
+            m.apply(copy.deepcopy(model))
+        except InvalidArgumentError:
+            continue
+        yield m
+
+
+def _all_methods(model: torch.nn.Module) -> Iterator[Method]:
+    depth, n = len(model.blocks), model.patch_embed.num_patches
+    first = first_ats_block(depth)
+    paper = range(first, depth)
+    yield Method("dense", "-", lambda m: m)
+    # r up to 2N / depth: beyond it every later block is clamped and the GMACs ratio is far below the range of interest
+    r_max = min(max_merges(n + model.num_prefix_tokens, model.num_prefix_tokens), 2 * n // depth)
+    for r in range(1, r_max + 1):
+        yield Method("tome", r, lambda m, r=r: apply_tome(m, r))
+    for budget in (None, 0.9, 0.75, 0.6, 0.5, 0.35):
+        yield Method("ats", "all" if budget is None else budget,
+                     lambda m, b=budget: apply_ats(m, blocks=paper, budget=b))
+        if budget is not None:
+            yield Method("ats-topk", budget, lambda m, b=budget: apply_ats(m, blocks=paper, budget=b, sampler="topk"))
+    finals = sorted({max(1, round(n * f)) for f in (0.8, 0.6, 0.4, 0.25, 0.12, 0.04)}, reverse=True)
+    for k in finals:
+        yield Method("ats-linear", f"{first}-{depth - 1}:{k}",
+                     lambda m, k=k: apply_ats(m, blocks=paper, budget=k, schedule="linear"))
+    # From block 0 a light first cut pays (block 0's class attention says little about the image yet): the first
+    # ATS block drops d0 tokens, the others fall linearly to K (explicit per-block budgets, schedule "each").
+    for d0 in (5, 7, 9, 11):
+        for k in (1, 4):
+            steps = [round(n - d0 - (n - d0 - k) * j / (depth - 1)) for j in range(depth)]
+            yield Method("ats-topk-fused", f"0-{depth - 1}:{'/'.join(map(str, steps))}", lambda m, b=steps: apply_ats(
+                m, blocks=range(depth), budget=b, sampler="topk", fuse="nearest", static=True))
+    for start in sorted({max(0, first - 1), first, min(depth - 1, first + 1)}):
+        for k in finals:
+            for sampler, name in (("inverse_transform", "ats-fused"), ("topk", "ats-topk-fused")):
+                yield Method(name, f"{start}-{depth - 1}:{k}", lambda m, s=start, k=k, sp=sampler: apply_ats(
+                    m, blocks=range(s, depth), budget=k, sampler=sp, schedule="linear", fuse="nearest",
+                    static=sp == "topk"))
+
+
+def _zoo_or_timm(name: str) -> tuple[torch.nn.Module, bool]:
+    zoo = name in list_zoo()
+    torch.manual_seed(0)
+    return ravit.create_model(name, pretrained=zoo).eval(), zoo
+
+
+def _test_images(model: torch.nn.Module, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` Fashion-MNIST test images, normalised for ``model``, and their labels."""
+    spec = ModelInput.from_model(model)
+    dataset = create_dataset("fashion_mnist", "test", transform=spec.transform())
+    n = min(limit, len(dataset))
+    images, labels = zip(*(dataset[i] for i in range(n)), strict=True)
+    return torch.stack(images), torch.tensor(labels)
+
+
+@torch.no_grad()
+def _gmacs(model: torch.nn.Module, images: torch.Tensor) -> float:
+    """Mean GMACs per image over ``images``: each image alone for ATS (its kept tokens are its own)."""
+    if ravit.ats.has_ats(model):
+        return float(trace(model, images).gmacs.mean())
+    return count_gmacs(model, images[:1])
+
+
+@torch.no_grad()
+def _top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int) -> float:
+    hits = sum(int(model(x).argmax(-1).eq(y).sum()) for x, y in zip(images.split(batch), labels.split(batch),
+                                                                     strict=True))
+    return 100.0 * hits / len(labels)
+
+
+def interpolate(rows: list[dict], method: str, ratio: float) -> float | None:
+    """``method``'s top-1 at GMACs ``ratio``, linear between its two nearest points; None outside its range."""
+    pts = sorted((r["gmacs"] / r["dense_gmacs"], r["top1"]) for r in rows if r["method"] == method)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+        if x0 <= ratio <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (ratio - x0) / (x1 - x0)
+    return None
+
+
+def envelope(rows: list[dict], ratio: float) -> tuple[float | None, str]:
+    """The best ATS top-1 reachable at GMACs ``ratio``: the upper envelope of every ATS point, linear between two
+    points (choosing between two settings per image batch gives any mix of their costs and accuracies)."""
+    pts = sorted((r["gmacs"] / r["dense_gmacs"], r["top1"], f"{r['method']} {r['setting']}") for r in rows
+                 if r["method"].startswith("ats"))
+    best, label = None, ""
+    for i, (x0, y0, l0) in enumerate(pts):
+        for x1, y1, l1 in pts[i:]:
+            if x0 <= ratio <= x1:
+                y = y0 if x1 == x0 else y0 + (y1 - y0) * (ratio - x0) / (x1 - x0)
+                if best is None or y > best:
+                    best, label = y, l0 if x0 == x1 else f"{l0} / {l1}"
+    return best, label
+
+
+def _placement(setting: str | int | float) -> str:
+    """The curve a setting belongs to: its ATS blocks ("1-3" of "1-3:12"), and whether its budgets are explicit."""
+    text = str(setting)
+    if ":" not in text:
+        return ""
+    blocks, budget = text.split(":")
+    return f"{blocks}, light first cut" if "/" in budget else blocks
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    colors = dict(zip(dict.fromkeys(r["method"] for r in rows), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2,
+                      strict=False))
+    # one line per method and placement ("1-3" of the setting "1-3:12"), so a curve never jumps between placements
+    groups = dict.fromkeys((r["method"], _placement(r["setting"])) for r in rows)
+    styles = ("-", "--", ":")
+    for method, placement in groups:
+        pts = sorted((r["gmacs"] / r["dense_gmacs"], r["top1"], r["setting"]) for r in rows if r["method"] == method
+                     and _placement(r["setting"]) == placement)
+        xs, ys, labels = zip(*pts, strict=True)
+        rank = [p for m, p in groups if m == method].index(placement)
+        style = dict(color=colors[method], marker="o", linestyle=styles[rank % len(styles)])
+        if method == "dense":
+            style.update(marker="*", markersize=12, linestyle="none")
+        if method == "tome":
+            style.update(color="black", linewidth=2)
+        name = f"{method} (blocks {placement})" if placement else method
+        ax.plot(xs, ys, label=name, **style)
+        for x, y, label in zip(xs, ys, labels, strict=True):
+            text = str(label).split(":")[-1].split("/")[0] if placement else str(label)
+            ax.annotate(text, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.axvspan(0.45, 0.8, color="0.93", zorder=0, label="target range")
+    ax.set_xlabel("GMACs / dense GMACs")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    dense = next(r["top1"] for r in rows if r["method"] == "dense")
+    ax.set_ylim(max(0.0, dense - 25), dense + 2)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=130)
+    plt.close(fig)
+    write_bytes(path, buffer.getvalue())
+
+
+def _fmt(value: float | None) -> str:
+    return "   n/a" if value is None else f"{value:6.2f}"
+
+
+def accuracy(args: argparse.Namespace) -> None:
+    model, zoo = _zoo_or_timm(args.model)
+    if not zoo:
+        raise InvalidArgumentError(f"accuracy needs a zoo model with its test data ({', '.join(list_zoo())}); "
+                                   f"{args.model!r} is not one (speed takes any timm ViT)")
+    images, labels = _test_images(model, args.limit)
+    dense_gmacs = count_gmacs(model, images[:1])
+    rows = []
+    for m in tqdm(list(methods(model)), desc=f"{args.model} · accuracy", disable=not args.progress):
+        reduced = m.apply(copy.deepcopy(model))
+        gmacs = _gmacs(reduced, images[: args.gmacs_images])
+        rows.append(dict(method=m.method, setting=m.setting, gmacs=gmacs, dense_gmacs=dense_gmacs,
+                         top1=_top1(reduced, images, labels, args.batch)))
+    write_json(args.json, rows)
+    png = Path(args.png) if args.png else Path(args.json).with_suffix(".png")
+    plot(rows, png, f"{args.model}: top-1 vs GMACs, first {len(labels)} Fashion-MNIST test images")
+    print(f"{args.model}: dense {rows[0]['top1']:.2f}% at {dense_gmacs:.4f} GMACs ({len(labels)} test images)")
+    print(f"{'ratio':>6} {'ToMe':>7} {'best ATS':>9}  mode")
+    for ratio in np.arange(0.45, 0.801, 0.05):
+        tome, (ats, label) = interpolate(rows, "tome", ratio), envelope(rows, ratio)
+        verdict = "" if tome is None or ats is None else ("  >= ToMe" if ats >= tome else "  < ToMe")
+        print(f"{ratio:6.2f} {_fmt(tome):>7} {_fmt(ats):>9}  {label}{verdict}")
+    print(f"wrote {args.json} and {png}")
+
+
+def _nearest(model: torch.nn.Module, probe: torch.Tensor, targets: list[float]) -> list[tuple[float, Method, float]]:
+    """For each method and target ratio, the setting whose GMACs ratio on ``probe`` is nearest."""
+    dense = count_gmacs(model, probe[:1])
+    ratios: dict[str, list[tuple[float, Method]]] = {}
+    for m in methods(model):
+        if m.method != "dense":
+            ratios.setdefault(m.method, []).append((_gmacs(m.apply(copy.deepcopy(model)), probe) / dense, m))
+    return [(t, *min(points, key=lambda p: abs(p[0] - t))[::-1]) for t in targets for points in ratios.values()]
+
+
+def _time(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def speed(args: argparse.Namespace) -> None:
+    model, zoo = _zoo_or_timm(args.model)
+    size = ModelInput.from_model(model)
+    shape = (size.in_chans, *size.size)
+    gen = torch.Generator().manual_seed(0)
+    probe = _test_images(model, args.probe)[0] if zoo else torch.randn(args.probe, *shape, generator=gen)
+    chosen = _nearest(model, probe, args.targets)
+    print(f"{args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads; {args.runs} interleaved "
+          f"timed calls per method after one warm-up, medians")
+    results = []
+    with torch.inference_mode():
+        for batch in args.batch:
+            images = (_test_images(model, batch)[0] if zoo else torch.randn(batch, *shape, generator=gen))
+            models = {("dense", "-"): model}
+            for _, m, _ in chosen:
+                models.setdefault((m.method, m.setting), m.apply(copy.deepcopy(model)))
+            if batch == 1:  # each ATS setting's zero-overhead ceiling: its token counts as free prefix slices
+                for (method, setting), reduced in list(models.items()):
+                    if method.startswith("ats"):
+                        counts = trace(reduced, images, count_gmacs=False).kept_tokens[0].tolist()
+                        kept = dict(zip(reduced.ats_config.blocks, counts, strict=True))
+                        models[("ceiling " + method, setting)] = ceiling_forward(model, kept)
+            times = {key: [] for key in models}
+            for i in range(args.runs + 1):
+                for key, mod in models.items():
+                    elapsed = _time(lambda mod=mod, x=images: mod(x))
+                    if i:
+                        times[key].append(elapsed)
+            median = {key: batch / statistics.median(t) for key, t in times.items()}  # images per second
+            dense = median[("dense", "-")]
+            print(f"\nbatch {batch}: dense {dense:.1f} img/s")
+            print(f"{'target':>6} {'method':>15} {'setting':>10} {'GMACs ratio':>11} {'img/s':>9} {'speed-up':>8} "
+                  f"{'of GMACs gain':>13}" + (f" {'of ceiling':>10}" if batch == 1 else ""))
+            for target, m, ratio in chosen:
+                ips = median[(m.method, m.setting)]
+                row = dict(batch=batch, target=target, method=m.method, setting=m.setting, gmacs_ratio=ratio,
+                           img_s=ips, dense_img_s=dense, speedup=ips / dense, of_gmacs_gain=ips / dense * ratio)
+                ceiling = median.get(("ceiling " + m.method, m.setting))
+                if ceiling is not None:
+                    row.update(ceiling_img_s=ceiling, of_ceiling=ips / ceiling)
+                results.append(row)
+                print(f"{target:6.2f} {m.method:>15} {m.setting!s:>10} {ratio:11.3f} {ips:9.1f} {ips / dense:8.2f} "
+                      f"{ips / dense * ratio:13.2f}" + (f" {ips / ceiling:10.2f}" if ceiling else ""))
+    if args.json:
+        write_json(args.json, dict(model=args.model, torch=torch.__version__, threads=torch.get_num_threads(),
+                                   runs=args.runs, results=results))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    acc = sub.add_parser("accuracy", help="top-1 vs GMACs of every method (JSON + PNG)")
+    acc.add_argument("--model", default="fmnist_deit_p4")
+    acc.add_argument("--limit", type=int, default=1000, help="first N Fashion-MNIST test images")
+    acc.add_argument("--gmacs-images", type=int, default=64, help="images whose GMACs are counted, per setting")
+    acc.add_argument("--batch", type=int, default=250)
+    acc.add_argument("--json", required=True)
+    acc.add_argument("--png", default=None, help="default: the JSON path with .png")
+    spd = sub.add_parser("speed", help="images/s of every method at matched GMACs, interleaved")
+    spd.add_argument("--model", default="deit_small_patch16_224")
+    spd.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    spd.add_argument("--targets", type=float, nargs="+", default=[0.8, 0.65, 0.5], help="GMACs ratios to match")
+    spd.add_argument("--probe", type=int, default=4, help="images on which settings are matched to the targets")
+    spd.add_argument("--runs", type=int, default=5)
+    spd.add_argument("--json", default=None)
+    for p in (acc, spd):
+        p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        accuracy(args) if args.command == "accuracy" else speed(args)
+    except InvalidArgumentError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
