@@ -75,8 +75,8 @@ def methods(model: torch.nn.Module) -> Iterator[Method]:
     """Every valid setting of every method for ``model`` (a timm ViT with a class token): settings the model refuses
     (a compounding ratio that leaves no token on a deep model) are left out."""
     for m in _all_methods(model):
-        try:
-            m.apply(copy.deepcopy(model))
+        try:  # a shallow copy: applying only swaps the top module's class and sets its config
+            m.apply(copy.copy(model))
         except InvalidArgumentError:
             continue
         yield m

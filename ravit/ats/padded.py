@@ -147,7 +147,9 @@ def padded_block_forward(block: nn.Module, slots: Slots, num_prefix: int, propor
             order, filled = _front(keep, width)  # (B, width) each
             prefix = torch.arange(P, device=x.device).expand(B, P)
             index = torch.cat([prefix, order + P], dim=1)  # (B, P + width)
-        q, h = q.gather(2, index[:, None, :, None].expand(-1, H, -1, D)), _gather(h, index)
+        q = q.gather(2, index[:, None, :, None].expand(-1, H, -1, D))  # (B, H, P + width, D)
+        if getattr(attn, "gate", None) is not None:  # only a gated attention reads the kept tokens' h
+            h = _gather(h, index)
         x, ids = _gather(x, index), _gather(ids, index)
         size = _gather(size, index) * F.pad(filled, (P, 0), value=True)  # (B, P + width), 0 for empty slots
 
