@@ -622,3 +622,50 @@ def test_ats_on_a_tome_model_is_refused():
         remove_tome(model)
         apply_ats(model, blocks=BLOCKS, **kw)  # fine once ToMe is removed
         remove_ats(model)
+
+
+# ------------------------------------------------------------------------------------------------------- score
+
+
+def _recording_topk(seen: list):
+    """A Top-K sampler that records the scores it is given."""
+    def sampler(scores, valid, n_samples):
+        seen.append(scores.clone())
+        return topk_sampling(scores, valid, n_samples)
+    return sampler
+
+
+@pytest.mark.parametrize("fuse", ["none", "nearest"])
+def test_attention_score_is_the_class_attention_alone(images, fuse):
+    """score='attention' hands the sampler the class token's attention over the patch tokens summed over heads,
+    computed here from the block's own q and k; the default multiplies it by each token's value norm."""
+    seen = {}
+    for score in ("attention", "attention_value"):
+        seen[score] = []
+        model = apply_ats(peaky_vit(), blocks=[1], budget=12, sampler=_recording_topk(seen[score]), fuse=fuse,
+                          score=score)
+        with torch.no_grad():
+            model(images)
+    model = peaky_vit()
+    with torch.no_grad():
+        x = model.blocks[0](model._pos_embed(model.patch_embed(images)))  # (B, N, C) input of block 1
+        attn = model.blocks[1].attn
+        q, k, v = attn.qkv(model.blocks[1].norm1(x)).unflatten(-1, (3, attn.num_heads, -1)).unbind(2)
+        cls_attn = ((q[:, :1].transpose(1, 2) @ k.permute(0, 2, 3, 1)) * attn.scale).softmax(-1).sum(1)[:, 0]
+        v_norm = torch.linalg.vector_norm(v.flatten(2), dim=-1)
+    torch.testing.assert_close(seen["attention"][0], cls_attn[:, 1:], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(seen["attention_value"][0], (cls_attn * v_norm)[:, 1:], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", [dict(budget=12), dict(budget=0.5, sampler="topk"), dict(budget=12, static=True)])
+def test_attention_score_keeps_other_tokens_and_stays_batch_independent(images, kwargs):
+    base = trace(apply_ats(peaky_vit(), blocks=BLOCKS, **kwargs), images, count_gmacs=False)
+    model = apply_ats(peaky_vit(), blocks=BLOCKS, score="attention", **kwargs)
+    assert not same_kept(trace(model, images, count_gmacs=False), base)
+    assert_batch_independent(model, images)
+
+
+@pytest.mark.parametrize("score", ["value", None, "attention_value_norm"])
+def test_unknown_score_is_refused(score):
+    with pytest.raises(InvalidArgumentError, match="unknown score"):
+        apply_ats(peaky_vit(), blocks=BLOCKS, budget=12, score=score)

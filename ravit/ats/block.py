@@ -85,18 +85,20 @@ def _per_sample(module: nn.Module, y: torch.Tensor, lengths: torch.Tensor) -> to
 Selector = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, tokens: Tokens) -> torch.Tensor:
-    """(B, width) class-attention scores of the packed (T, H, D) q, k, v of ``tokens``; 0 past each image's length."""
+def _scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, tokens: Tokens,
+            value_norm: bool) -> torch.Tensor:
+    """(B, width) class-attention scores (times the value norm with ``value_norm``) of the packed (T, H, D) q, k, v
+    of ``tokens``; 0 past each image's length."""
     B, L = tokens.lengths.shape[0], tokens.width
     H, D = k.shape[1:]
     if tokens.uniform:  # one batched call
         q, k, v = (t.view(B, L, H, D).transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
-        return class_attention_scores(q[:, :, 0], k, v, scale)
+        return class_attention_scores(q[:, :, 0], k, v, scale, value_norm=value_norm)
     scores = q.new_zeros(B, L, dtype=torch.float32)
     start = 0
     for b, n in enumerate(tokens.lengths.tolist()):  # ragged: each image on its own, exactly as if it were alone
         kb, vb = (t[start : start + n].transpose(0, 1)[None] for t in (k, v))  # (1, H, n, D)
-        scores[b, :n] = class_attention_scores(q[start][None], kb, vb, scale)[0]
+        scores[b, :n] = class_attention_scores(q[start][None], kb, vb, scale, value_norm=value_norm)[0]
         start += n
     return scores
 
@@ -148,7 +150,8 @@ def _kept_rows(keep: torch.Tensor, tokens: Tokens, num_prefix: int) -> tuple[tor
     return starts.index_select(0, image) + slot, keep.sum(dim=1)
 
 
-def block_forward(block: nn.Module, tokens: Tokens, num_prefix: int, select: Selector | None = None) -> Tokens:
+def block_forward(block: nn.Module, tokens: Tokens, num_prefix: int, select: Selector | None = None,
+                  value_norm: bool = True) -> Tokens:
     """One pre-norm timm ``Block`` on ragged tokens; with ``select``, an ATS block.
 
     Args:
@@ -157,6 +160,7 @@ def block_forward(block: nn.Module, tokens: Tokens, num_prefix: int, select: Sel
         num_prefix: number of prefix tokens (class, distillation, register) at the front of each image; the class
             token is the first.
         select: ``select(scores, valid) -> keep``, all (B, width - num_prefix) over the patch tokens; None keeps all.
+        value_norm: score by class attention x value norm (Eq. 3); False: the class attention alone (Sec. 4.3).
 
     Returns:
         The output tokens: prefix tokens and the kept tokens, in their input order.
@@ -172,7 +176,7 @@ def block_forward(block: nn.Module, tokens: Tokens, num_prefix: int, select: Sel
         lengths, ids, width, rows = tokens.lengths, tokens.ids, tokens.width, None
     else:
         with torch.no_grad():  # scores only steer discrete choices: no gradient flows through them
-            scores = _scores(q, k, v, attn.scale, tokens)[:, num_prefix:]  # (B, width - P)
+            scores = _scores(q, k, v, attn.scale, tokens, value_norm)[:, num_prefix:]  # (B, width - P)
             valid = tokens.valid[:, num_prefix:]
             keep = select(scores, valid) & valid
             rows, lengths = _kept_rows(keep, tokens, num_prefix)  # (T',), (B,)

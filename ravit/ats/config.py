@@ -33,7 +33,7 @@ import torch
 from ravit.ats.sampling import inverse_transform_sampling, topk_sampling
 from ravit.errors import InvalidArgumentError
 
-__all__ = ["ATSConfig", "FUSIONS", "SAMPLERS", "SCHEDULES", "Budget", "Sampler", "parse_budget"]
+__all__ = ["ATSConfig", "FUSIONS", "SAMPLERS", "SCHEDULES", "SCORES", "Budget", "Sampler", "parse_budget"]
 
 Budget = int | float | None
 Sampler = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -41,6 +41,8 @@ Sampler = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SAMPLERS: dict[str, Sampler] = {"inverse_transform": inverse_transform_sampling, "topk": topk_sampling}
 SCHEDULES = ("each", "linear")
 FUSIONS = ("none", "nearest")
+# What ranks the tokens: class attention x value norm (ATS Eq. 3) or the class attention alone (Sec. 4.3 ablation).
+SCORES = ("attention_value", "attention")
 
 
 _BUDGET_RULE = "a budget is 'none', a token count (an integer >= 1) or a ratio in (0, 1]"
@@ -129,6 +131,7 @@ class ATSConfig:
     schedule: str = "each"
     fuse: str = "none"
     static: bool = False
+    score: str = "attention_value"
 
     @property
     def padded(self) -> bool:
@@ -146,6 +149,7 @@ class ATSConfig:
         schedule: str = "each",
         fuse: str = "none",
         static: bool = False,
+        score: str = "attention_value",
     ) -> ATSConfig:
         """Validate user arguments against a model of ``depth`` blocks and ``num_patches`` patch tokens."""
         try:
@@ -166,6 +170,8 @@ class ATSConfig:
             raise InvalidArgumentError(f"unknown schedule {schedule!r}; choose one of {list(SCHEDULES)}")
         if fuse not in FUSIONS:
             raise InvalidArgumentError(f"unknown fuse {fuse!r}; choose one of {list(FUSIONS)}")
+        if score not in SCORES:
+            raise InvalidArgumentError(f"unknown score {score!r}; choose one of {list(SCORES)}")
         if not isinstance(static, bool):
             raise InvalidArgumentError(f"static must be True or False, got {static!r}")
         if schedule == "linear":  # counts fall along the blocks in depth order, whatever order they were given in
@@ -193,7 +199,7 @@ class ATSConfig:
         elif not callable(sampler):
             raise InvalidArgumentError(f"sampler must be a name {sorted(SAMPLERS)} or a callable, got {sampler!r}")
         return cls(blocks=tuple(b for b, _ in pairs), budgets=tuple(v for _, v in pairs), sampler=sampler,
-                   schedule=schedule, fuse=fuse, static=static)
+                   schedule=schedule, fuse=fuse, static=static, score=score)
 
     def sampler_fn(self) -> Sampler:
         """The sampler to call; a user's callable comes wrapped in a check of what it returns."""

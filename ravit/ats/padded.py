@@ -68,12 +68,16 @@ def _with_positions(key_bias: torch.Tensor, position_bias: torch.Tensor | None) 
     return key_bias if position_bias is None else position_bias.to(key_bias.dtype) + key_bias
 
 
-def _scores(q_cls: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """(B, L) class-attention x value-norm scores (ATS Eq. 3) of (B, H, L, D) keys/values under the class token's
-    (B, H or 1, 1, L) attention ``bias`` (empty slots, token sizes, and the host's position bias)."""
+def _scores(q_cls: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+            value_norm: bool) -> torch.Tensor:
+    """(B, L) class-attention x value-norm scores (ATS Eq. 3; the attention alone without ``value_norm``) of
+    (B, H, L, D) keys/values under the class token's (B, H or 1, 1, L) attention ``bias`` (empty slots, token sizes,
+    and the host's position bias)."""
     B, H, L, D = k.shape
     logits = (q_cls[:, :, None] @ k.transpose(-2, -1)).squeeze(2) * scale + bias[:, :, 0]  # (B, H, L)
     attn = logits.float().softmax(dim=-1).sum(dim=1)  # (B, L)
+    if not value_norm:
+        return attn
     return attn * torch.linalg.vector_norm(v.transpose(1, 2).reshape(B, L, H * D).float(), dim=-1)
 
 
@@ -111,7 +115,7 @@ def _fuse(x_kept: torch.Tensor, size_kept: torch.Tensor, x_in: torch.Tensor, w_i
 
 def padded_block_forward(block: nn.Module, slots: Slots, num_prefix: int, proportional: bool,
                          keep_fn: Keep | None = None, width: int | None = None, fuse: bool = False,
-                         ops: BlockOps | None = None) -> Slots:
+                         ops: BlockOps | None = None, value_norm: bool = True) -> Slots:
     """One pre-norm block on padded slots; with ``keep_fn``, an ATS block.
 
     Args:
@@ -125,6 +129,7 @@ def padded_block_forward(block: nn.Module, slots: Slots, num_prefix: int, propor
         fuse: average dropped tokens into their most similar kept token instead of dropping them.
         ops: the host's :class:`~ravit.ats.hosts.BlockOps` (positions by ``slots.ids``, attention output, layer
             scale); None for a timm ViT ``Block``.
+        value_norm: score by class attention x value norm (Eq. 3); False: the class attention alone (Sec. 4.3).
     """
     ops = VIT_OPS if ops is None else ops
     attn = block.attn
@@ -141,7 +146,7 @@ def padded_block_forward(block: nn.Module, slots: Slots, num_prefix: int, propor
             valid = slots.size[:, P:] > 0  # (B, L - P)
             cls_positions = ops.position_bias(block, slots.ids[:, :1], slots.ids)  # (B, H, 1, L) or None
             cls_bias = _with_positions(key_bias, cls_positions)  # (B, H|1, 1, L)
-            keep = keep_fn(_scores(q[:, :, 0], k, v, cls_bias, attn.scale)[:, P:], valid) & valid
+            keep = keep_fn(_scores(q[:, :, 0], k, v, cls_bias, attn.scale, value_norm)[:, P:], valid) & valid
             if width is None:
                 width = int(keep.sum(dim=1).max())
             order, filled = _front(keep, width)  # (B, width) each

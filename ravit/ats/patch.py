@@ -129,14 +129,15 @@ def ats_forward_features(
     tokens = Tokens(x.reshape(B * N, C), torch.full((B,), N, device=images.device), ids, N)
     budgets = dict(zip(cfg.blocks, cfg.budgets, strict=True))
     sampler = cfg.sampler_fn()
+    value_norm = cfg.score == "attention_value"
     for i in range(cfg.blocks[0], len(model.blocks)):
         select = None
         if i in budgets:
             select = functools.partial(_select, sampler=sampler, budget=budgets[i], n_ref=N - P)
         if use_checkpoint:
-            tokens = checkpoint(block_forward, model.blocks[i], tokens, P, select, use_reentrant=False)
+            tokens = checkpoint(block_forward, model.blocks[i], tokens, P, select, value_norm, use_reentrant=False)
         else:
-            tokens = block_forward(model.blocks[i], tokens, P, select)
+            tokens = block_forward(model.blocks[i], tokens, P, select, value_norm)
         if record is not None and select is not None:
             record.append(tokens)
     x = unpack(model.norm(tokens.x), tokens.slot_mask, (B, tokens.width))  # (B, L, C)
@@ -163,7 +164,8 @@ def _padded_features(model: nn.Module, host: Host, x: torch.Tensor, positions: o
             else:
                 keep_fn = functools.partial(_select, sampler=sampler, budget=budgets[i], n_ref=N - P)
         ops = host.block_ops(model, i, positions)
-        args = (model.blocks[i], slots, P, cfg.fuse != "none", keep_fn, width, cfg.fuse != "none", ops)
+        args = (model.blocks[i], slots, P, cfg.fuse != "none", keep_fn, width, cfg.fuse != "none", ops,
+                cfg.score == "attention_value")
         slots = checkpoint(padded_block_forward, *args, use_reentrant=False) if use_checkpoint else \
             padded_block_forward(*args)
         if record is not None and keep_fn is not None:
@@ -180,6 +182,7 @@ def apply_ats(
     schedule: str = "each",
     fuse: str = "none",
     static: bool = False,
+    score: str = "attention_value",
 ) -> nn.Module:
     """Patch a timm ViT, Eva or Beit in place with Adaptive Token Sampling and return it.
 
@@ -200,6 +203,8 @@ def apply_ats(
             similar kept token, and attention weighs tokens by how many they hold).
         static: every image keeps exactly K slots per ATS block (int budgets), so shapes depend only on the budget
             and the model exports with ``torch.export`` / ONNX / ``torch.compile(fullgraph=True)``.
+        score: "attention_value" (the paper's: class attention x value norm, Eq. 3) or "attention" (the class
+            attention alone, the ablation of Sec. 4.3).
 
     Returns:
         ``model``, whose forward returns what it returned before (logits), computed on the kept tokens.
@@ -207,7 +212,7 @@ def apply_ats(
     _check_host(model)
     config = ATSConfig.build(
         blocks, budget, sampler, depth=len(model.blocks), num_patches=model.patch_embed.num_patches,
-        schedule=schedule, fuse=fuse, static=static,
+        schedule=schedule, fuse=fuse, static=static, score=score,
     )
     _check_blocks(model, config.blocks[0])
     return attach(model, _ATSModel, "ats_config", config)

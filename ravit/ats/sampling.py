@@ -22,7 +22,8 @@ __all__ = [
 
 
 def class_attention_scores(
-    q_cls: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, key_valid: torch.Tensor | None = None
+    q_cls: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, key_valid: torch.Tensor | None = None,
+    value_norm: bool = True,
 ) -> torch.Tensor:
     """Significance score of every token: class-token attention summed over heads times the value norm (Eq. 3).
 
@@ -35,6 +36,7 @@ def class_attention_scores(
         v: values, (B, H, N, D).
         scale: attention scale (1/sqrt(D) for timm attention).
         key_valid: (B, N) bool, False for padding keys; None when nothing is padded.
+        value_norm: False scores by the class attention alone (the ablation of ATS Sec. 4.3).
 
     Returns:
         (B, N) non-negative scores for all N tokens, prefix tokens included, 0 for padding.
@@ -44,6 +46,8 @@ def class_attention_scores(
     if key_valid is not None:
         logits = logits.masked_fill(~key_valid[:, None, :], float("-inf"))
     attn = logits.float().softmax(dim=-1).sum(dim=1)  # (B, N)
+    if not value_norm:
+        return attn
     v_norm = torch.linalg.vector_norm(v.transpose(1, 2).reshape(B, N, H * D).float(), dim=-1)  # (B, N)
     return attn * v_norm
 

@@ -2,6 +2,7 @@
 
     ravit ats MODEL [--data NAME_OR_FOLDER] [--checkpoint PATH | --pretrained] --blocks 3-11 --budget none|K|RATIO
               [--sampler inverse_transform|topk] [--schedule each|linear] [--fuse none|nearest] [--static]
+              [--score attention_value|attention]
 
 MODEL is any ravit / timm model name (``--model-kwargs`` for its arguments, ``--pretrained`` for shipped weights,
 ``--checkpoint`` for a file). ``--data`` is ``fashion-mnist`` or an image folder (``<folder>/<class>/<image>`` or
@@ -60,6 +61,9 @@ def register(subparsers) -> None:
     p.add_argument("--static", action="store_true",
                    help="exactly K slots per image at every ATS block (int budgets or --schedule linear): shapes "
                    "that depend on the budget only, as an exported model runs")
+    p.add_argument("--score", default="attention_value", choices=["attention_value", "attention"],
+                   help="attention_value (the paper's: class attention x value norm) or attention (class attention "
+                   "alone, the ablation)")
     add_count_argument(p, "--limit", None, "use only the first N images")
     add_count_argument(p, "--batch-size", 64, "images per batch")
     add_count_argument(p, "--workers", 0, "data loader workers", least=0)
@@ -86,7 +90,7 @@ def run(args) -> int:
     from ravit.data import open_data
 
     blocks, per_block = args.blocks, args.budget[0] if len(args.budget) == 1 else args.budget
-    options = dict(sampler=args.sampler, schedule=args.schedule, fuse=args.fuse, static=args.static)
+    options = dict(sampler=args.sampler, schedule=args.schedule, fuse=args.fuse, static=args.static, score=args.score)
     device = resolve_device(args.device)
     out = output_dir(args, "ats", args.model)
     model = build_model(args).to(device)
@@ -158,7 +162,8 @@ def run(args) -> int:
     ]
 
     print(f"{args.model} on {args.data} ({args.split}, {len(labels)} images), ATS blocks {config['blocks']}, "
-          f"budget {per_block}, sampler {args.sampler}, schedule {args.schedule}, fuse {args.fuse}"
+          f"budget {per_block}, sampler {args.sampler}, schedule {args.schedule}, fuse {args.fuse}, "
+          f"score {args.score}"
           f"{', static' if args.static else ''}")
     print(f"  accuracy: dense {100 * acc_dense:.2f}%  ATS {100 * acc_ats:.2f}%")
     print(f"  GMACs/image: dense {dense_gmacs:.4f}  ATS mean {record['gmacs']['ats']['mean']:.4f} "

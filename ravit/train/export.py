@@ -28,7 +28,8 @@ _NOTES = (
     "Each entry: exported by ravit.train.export.export_zoo_model(run_dir, name, description, train_command) from "
     "the run's last.pth (the final epoch, not a test-selected one); weights stored as float16. test_top1_fp32: full "
     "test split with the float32 training weights; test_top1 and slice.top1: through ravit.create_model(name, "
-    "pretrained=True), full split and its first slice.first images."
+    "pretrained=True), full split and its first slice.first images. training_time: from the run's log.jsonl, the "
+    "sum of the epochs' wall seconds (pauses and shared cores included) and the median epoch."
 )
 
 # The fixed slice of the test split that tests/test_zoo.py checks against the manifest: the first 1000 images.
@@ -66,6 +67,19 @@ def eval_loader(
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _wall_time(run_dir: Path) -> dict:
+    """Training wall time from the run's ``log.jsonl``: the sum of the epochs' seconds and their median.
+
+    The sum includes any time the process was paused or shared its cores; the median epoch is the quiet figure.
+    """
+    log = run_dir / "log.jsonl"
+    seconds = [json.loads(line)["seconds"] for line in log.read_text().splitlines() if line.strip()]
+    if not seconds:
+        return {}
+    ordered = sorted(seconds)
+    return {"wall_seconds": round(sum(seconds), 1), "median_epoch_seconds": ordered[len(ordered) // 2]}
 
 
 def export_zoo_model(
@@ -115,6 +129,7 @@ def export_zoo_model(
         "epochs": cfg.epochs,
         "train_config": ckpt["config"],
         "test_top1_fp32": round(fp32["top1"], 2),
+        "training_time": _wall_time(Path(run_dir)),
     }
     zoo.register_zoo_model(name, entry, zoo_dir)
     shipped = ravit.create_model(name, pretrained=True)
