@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import ravit.cli
 from ravit.errors import DataError, InvalidArgumentError, MissingFileError
+from ravit.study import DEFAULT_FAN, DEFAULT_VIT
 
 
 def _parser_raising(exc: BaseException) -> argparse.ArgumentParser:
@@ -165,8 +166,6 @@ def test_model_is_the_positional_argument(words):
 
 
 def test_study_compares_two_positional_models():
-    from ravit.study import DEFAULT_FAN, DEFAULT_VIT
-
     assert (_parse(["study"]).vit, _parse(["study"]).fan) == (DEFAULT_VIT, DEFAULT_FAN)
     args = _parse(["study", "vit_a", "fan_b"])
     assert (args.vit, args.fan) == ("vit_a", "fan_b")
@@ -217,7 +216,7 @@ DEFAULT_OUTPUTS = [
     (["robustness", "test_vit"], "runs/robustness/test_vit"),
     (["analyze", "spectra", "test_vit"], "runs/analyze/test_vit"),
     (["corrupt"], "runs/corrupt/fashion-mnist"),
-    (["study"], "runs/study/fmnist_deit_p4_vs_fmnist_fan_p4"),
+    (["study"], f"runs/study/{DEFAULT_VIT}_vs_{DEFAULT_FAN}"),
 ]
 
 

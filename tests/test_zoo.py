@@ -70,3 +70,18 @@ def test_reaches_manifest_accuracy_on_the_fixed_slice(name):
     assert entry["slice"]["first"] == ZOO_SLICE
     top1 = evaluate(model, loader, torch.device("cpu"))["top1"]
     assert abs(top1 - entry["slice"]["top1"]) <= 0.5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reaches_manifest_accuracy_on_the_full_test_split(name):
+    """The whole test split (10,000 images) through the shipped weights gives the accuracy the manifest records."""
+    try:
+        find_fashion_mnist()
+    except FileNotFoundError as err:
+        pytest.skip(f"Fashion-MNIST not installed: {err}")
+    entry = MODELS[name]
+    model = ravit.create_model(name, pretrained=True)
+    loader = eval_loader(entry["dataset"], entry["input_size"][0], entry["input_size"][-1])
+    result = evaluate(model, loader, torch.device("cpu"))
+    assert result["count"] == 10_000
+    assert abs(result["top1"] - entry["test_top1"]) <= 0.02

@@ -324,7 +324,8 @@ def evaluate_corruptions(
     ``classes`` are matched to the model's by name. Each image's corruption is seeded from (seed, its index in
     ``dataset``, corruption, severity) with a generator on ``device``, so counts do not depend on the batch size or
     the number of ranks. ``spec`` normalises the images (default: ``ModelInput.from_model(model)``). ``bf16`` runs
-    the model (not the corruptions) under bf16 autocast.
+    the model (not the corruptions) under bf16 autocast. The progress bar counts (batch, condition) steps and names
+    the one running ("<name> · corruptions · fog/3").
     """
     conds = _conditions(corruptions, severities)
     _check_run(batch_size, limit, workers)
@@ -336,14 +337,21 @@ def evaluate_corruptions(
     counts = torch.zeros(len(conds) + 1, 2, dtype=torch.long)  # row 0: clean
     shard = _shard(dataset, limit)
     loader = _loader(shard, batch_size, workers)
-    for b, (images, labels) in enumerate(tqdm(loader, desc="robustness", disable=not progress or rank != 0)):
+    bar = tqdm(total=len(loader) * (len(conds) + 1), desc=f"{name} · corruptions",
+               disable=not progress or rank != 0)
+    for b, (images, labels) in enumerate(loader):
         images, labels = images.to(device), labels.to(device)
         index = shard.indices[b * batch_size : b * batch_size + len(labels)]  # positions in ``dataset``
+        bar.set_description(f"{name} · corruptions · clean", refresh=False)
         counts[0] += torch.tensor([int((_predict(model, spec, images, None, bf16) == labels).sum()), len(labels)])
+        bar.update()
         for i, (c, s) in enumerate(conds, start=1):
+            bar.set_description(f"{name} · corruptions · {c}/{s}", refresh=False)
             gens = image_generators(seed, index, c, s, images.device)
             pred = _predict(model, spec, corrupt(images, c, s, gens), None, bf16)
             counts[i] += torch.tensor([int((pred == labels).sum()), len(labels)])
+            bar.update()
+    bar.close()
     counts = _gather(counts)
     result = RobustnessResult(name, "corrupt", (int(counts[0, 0]), int(counts[0, 1])))
     for (c, s), (k, n) in zip(conds, counts[1:].tolist(), strict=True):
