@@ -21,7 +21,8 @@ from ravit.robustness.registry import BENCHMARK_CORRUPTIONS  # noqa: E402
 from ravit.study import DEFAULT_FAN, DEFAULT_VIT  # noqa: E402
 from ravit.study.reduction import METHODS  # noqa: E402
 
-SMALL = ["--limit", "24", "--severities", "2", "--gmacs-images", "4", "--analysis-images", "4", "--no-progress"]
+SMALL = ["--limit", "24", "--corruption-images", "48", "--severities", "2", "--gmacs-images", "4",
+         "--analysis-images", "4", "--no-progress"]
 VIT, FAN = DEFAULT_VIT, DEFAULT_FAN
 
 
@@ -58,6 +59,7 @@ def test_study_writes_every_result(tmp_path, capsys):
         assert (out / fname).stat().st_size > 0, fname
     assert len(summary["grouping"][VIT]["significant_eigenvalues"]) == summary["models"][VIT]["depth"]
     assert summary["settings"]["quick"] and summary["settings"]["limit"] == 24
+    assert summary["settings"]["corruption_images"] == 48 and summary["token_reduction"]["images"] == 24
 
 
 def test_study_rejects_bad_settings(tmp_path, capsys):
@@ -75,14 +77,16 @@ def test_small_run_has_no_division_by_zero_and_replaces_an_old_run(tmp_path, cap
     stale.parent.mkdir(parents=True)
     stale.write_text("stale")
     (out / "summary.json").write_text("{}")
-    code = main(["study", "--output", str(out), "--limit", "10", "--severities", "1", "--budgets", "0.7",
+    code = main(["study", "--output", str(out), "--limit", "10", "--corruption-images", "10", "--severities", "1",
+                 "--budgets", "0.7",
                  "--gmacs-images", "4", "--analysis-images", "4", "--no-progress", "--quick"])
     assert code == 0
     assert not stale.parent.exists()
     assert sorted(p.name for p in (out / "robustness").iterdir()) == sorted([VIT, FAN])
     assert [p.name for p in tmp_path.iterdir()] == ["study"]  # no temporary sibling left
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["settings"]["limit"] == 10 and summary["settings"]["severities"] == [1]
+    assert summary["settings"]["limit"] == 10 and summary["settings"]["corruption_images"] == 10
+    assert summary["settings"]["severities"] == [1]
     vit = summary["robustness"][VIT]
     vit_perfect = [c for c in BENCHMARK_CORRUPTIONS if vit["per_corruption"][c] == 1.0]
     assert vit_perfect, "the regression needs a corruption on which the ViT makes no error"
@@ -113,8 +117,8 @@ def test_crash_leaves_the_previous_results_and_no_partial_folder(tmp_path, monke
 
     monkeypatch.setattr(ravit.study, "measure_reduction", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        ravit.study.run_study(out, limit=2, severities=[1], budgets=[0.7], gmacs_images=1, analysis_images=1,
-                              progress=False, quick=True)
+        ravit.study.run_study(out, limit=2, corruption_images=2, severities=[1], budgets=[0.7], gmacs_images=1,
+                              analysis_images=1, progress=False, quick=True)
     assert [p.name for p in out.iterdir()] == ["summary.json"]
     assert json.loads((out / "summary.json").read_text()) == {"previous": True}
     assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "study"]
@@ -140,6 +144,7 @@ def test_crash_leaves_the_previous_results_and_no_partial_folder(tmp_path, monke
         (["--severities", "6"], "--severities"),
         (["--budgets", "1.0001"], "never rounded"),
         (["--limit", "2.5"], "--limit"),
+        (["--corruption-images", "0"], "--corruption-images must be >= 1"),
         (["fmnist_fan_p4", "fmnist_deit_p4"], "ATS supports timm VisionTransformer"),
     ],
 )

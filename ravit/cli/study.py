@@ -45,7 +45,10 @@ def register(subparsers) -> None:
                    help=f"zoo name of the ViT fine-tuned with ATS (default {DEFAULT_VIT_ATS}; 'none' to leave out)")
     add_output_argument(p, "study", "<VIT>_vs_<FAN>")
     p.add_argument("--quick", action="store_true", help="a smaller run of every part (about 2 minutes)")
-    add_count_argument(p, "--limit", None, f"the first N Fashion-MNIST test images {preset('limit')}")
+    add_count_argument(p, "--limit", None, f"token reduction on the first N Fashion-MNIST test images "
+                       f"{preset('limit')}")
+    add_count_argument(p, "--corruption-images", None, f"robustness on the first N test images, each under every "
+                       f"corruption and severity {preset('corruption_images')}")
     add_list_argument(p, "--corruptions", corruption, "corruptions to run (default and --quick: the 15 of "
                       "ImageNet-C's mCE)", metavar="NAME")
     add_list_argument(p, "--severities", severity, f"corruption severities in 1..5 {preset('severities')}",
@@ -71,6 +74,7 @@ def run(args) -> int:
     finetuned = None if args.finetuned in (None, "none") else args.finetuned
     run_study(
         out, vit=args.vit, fan=args.fan, vit_ats=finetuned, quick=args.quick, limit=args.limit,
+        corruption_images=args.corruption_images,
         corruptions=args.corruptions, severities=args.severities, budgets=args.budgets,
         analysis_images=args.analysis_images, gmacs_images=args.gmacs_images, noise_std=args.noise_std,
         progress=not args.no_progress, device=resolve_device(args.device),

@@ -51,9 +51,10 @@ DEFAULT_FAN = "fmnist_fan_p4"
 DEFAULT_VIT_ATS = None  # the ViT fine-tuned with ATS in the loop, once the zoo ships it
 
 # The study's scale: the default run and --quick. Any of them can be set on its own; the rest come from the preset.
-DEFAULTS = {"limit": 1000, "corruptions": tuple(BENCHMARK_CORRUPTIONS), "severities": (1, 2, 3, 4, 5),
+DEFAULTS = {"limit": 1000, "corruption_images": 500, "corruptions": tuple(BENCHMARK_CORRUPTIONS),
+            "severities": (1, 2, 3, 4, 5),
             "budgets": (None, 0.9, 0.8, 0.7), "analysis_images": 64, "gmacs_images": 64}
-QUICK = {"limit": 200, "corruptions": tuple(BENCHMARK_CORRUPTIONS), "severities": (1, 3, 5),
+QUICK = {"limit": 200, "corruption_images": 100, "corruptions": tuple(BENCHMARK_CORRUPTIONS), "severities": (1, 3, 5),
          "budgets": (None, 0.7), "analysis_images": 16, "gmacs_images": 16}
 
 
@@ -95,6 +96,7 @@ def run_study(
     *,
     quick: bool = False,
     limit: int | None = None,
+    corruption_images: int | None = None,
     corruptions: Sequence[str] | None = None,
     severities: Sequence[int] | None = None,
     budgets: Sequence[Budget] | None = None,
@@ -107,6 +109,10 @@ def run_study(
 ) -> dict:
     """Run the three parts and the verdicts, and write everything to ``out_dir``; returns the summary.
 
+    The token-reduction part runs on the first ``limit`` test images, the robustness part on the first
+    ``corruption_images`` (every one of them under every corruption and severity: 75 times the images with the 15 at
+    5 severities), the grouping part on the first ``analysis_images``; both models always see the same images.
+
     ``vit`` is a zoo ViT with a class token (ATS and ToMe run on it; its errors normalise the mCE), ``fan`` a zoo
     FAN, ``vit_ats`` the ViT fine-tuned with ATS in the loop (None: claim 8 is reported as not shown). Settings left
     None come from ``QUICK`` when ``quick`` is set, else from ``DEFAULTS``. Every argument is checked before any
@@ -116,10 +122,11 @@ def run_study(
     """
     started = time.perf_counter()
     preset = QUICK if quick else DEFAULTS
-    given = {"limit": limit, "corruptions": corruptions, "severities": severities, "budgets": budgets,
+    given = {"limit": limit, "corruption_images": corruption_images, "corruptions": corruptions,
+             "severities": severities, "budgets": budgets,
              "analysis_images": analysis_images, "gmacs_images": gmacs_images}
     s = {k: preset[k] if v is None else v for k, v in given.items()}
-    for name in ("limit", "analysis_images", "gmacs_images"):
+    for name in ("limit", "corruption_images", "analysis_images", "gmacs_images"):
         _check_positive(name, s[name])
     _check_positive("batch_size", batch_size)
     s["corruptions"], s["severities"] = _check_lists(s["corruptions"], s["severities"])
@@ -150,8 +157,8 @@ def run_study(
                        for r, m in models.items()},
             "settings": {**s, "noise_std": noise_std, "batch_size": batch_size, "quick": quick},
         }
-        summary["robustness"] = measure_robustness(pair, labels, s["limit"], s["corruptions"], s["severities"], work,
-                                           progress, device)
+        summary["robustness"] = measure_robustness(pair, labels, s["corruption_images"], s["corruptions"],
+                                                   s["severities"], work, progress, device)
         summary["token_reduction"] = measure_reduction(
             {r: m for r, m in models.items() if r != "fan"}, labels[vit], s["limit"], s["budgets"], batch_size,
             s["gmacs_images"], quick, progress)

@@ -55,7 +55,8 @@ def plot_robustness(summary: dict, path: Path) -> Path:
     right.set_title("Accuracy vs severity")
     right.grid(alpha=0.3)
     right.legend()
-    fig.suptitle(f"FAN vs ViT under corruptions (Fashion-MNIST test, first {summary['settings']['limit']} images)")
+    n = summary["settings"]["corruption_images"]
+    fig.suptitle(f"FAN vs ViT under corruptions (Fashion-MNIST test, first {n} images)")
     fig.tight_layout()
     return _save(fig, path)
 

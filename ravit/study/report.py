@@ -88,8 +88,9 @@ def markdown(summary: dict) -> str:
     s = summary["settings"]
     head = [f"# ravit study — {' vs '.join(summary['labels'][summary['roles'][r]] for r in ('vit', 'fan'))} on "
             f"Fashion-MNIST", "",
-            f"First {s['limit']} test images; {len(s['corruptions'])} corruptions at severities "
-            f"{', '.join(map(str, s['severities']))}; grouping on {s['analysis_images']} images; "
+            f"Fashion-MNIST test split: token reduction on the first {s['limit']} images, "
+            f"{len(s['corruptions'])} corruptions at severities {', '.join(map(str, s['severities']))} on the first "
+            f"{s['corruption_images']}; grouping on {s['analysis_images']} images; "
             f"{'quick mode; ' if s['quick'] else ''}{summary['seconds']:.0f} s.", ""]
     parts = [head, _claims(summary), _models(summary), _robustness(summary), _reduction(summary), _grouping(summary)]
     return "\n".join(line for part in parts for line in [*part, ""]).rstrip() + "\n"
