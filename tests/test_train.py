@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import ravit
 from ravit.cli import main
 from ravit.data import find_fashion_mnist
 from ravit.errors import InvalidArgumentError, MissingFileError
@@ -19,6 +20,8 @@ from ravit.train import atomic_save, load_config, load_training_checkpoint, trai
 from ravit.train import checkpoint as ckpt_module
 from ravit.train import loop as loop_module
 from ravit.train.config import CONFIG_DIR, TrainConfig
+from ravit.train.export import eval_loader
+from ravit.train.loop import evaluate
 
 TINY = dict(
     model="deit_tiny_patch16_224",
@@ -324,3 +327,28 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
     assert all(h["samples"] == 192 and h["val_count"] == 100 for h in history)  # each image once per epoch
     assert "module." not in "".join(load_training_checkpoint(tmp_path / "ddp" / "last.pth")["state_dict"])
+
+
+def test_export_of_a_two_stage_ats_fine_tuned_run(tmp_path):
+    """A model trained in two runs (the second continues from the first's weights, with ATS in the loop) exports
+    with both stages' epochs, configs and time, its ATS settings, and accuracies measured with ATS applied."""
+    from ravit.train.export import export_zoo_model
+
+    deeper = {**TINY["model_kwargs"], "depth": 3}  # ATS in block 1 of 3 changes what the class token reads
+    train(_cfg(tmp_path, "stage1", epochs=5, model_kwargs=deeper))
+    train(_cfg(tmp_path, "stage2", epochs=1, model_kwargs=deeper, init_checkpoint=str(tmp_path / "stage1" / "last.pth"),
+               ats_blocks=[1], ats_budget=1))
+    entry = export_zoo_model(tmp_path / "stage2", "test_export_two_stage_ats", "a test model", "cmd",
+                             zoo_dir=tmp_path / "zoo", previous_runs=(tmp_path / "stage1",))
+    assert entry["epochs"] == 6 and entry["previous_stages"][0]["output"] == str(tmp_path / "stage1")
+    assert entry["ats"] == {"blocks": [1], "budget": 1, "sampler": "inverse_transform"}
+    seconds = [r["seconds"] for run in ("stage1", "stage2") for r in _history(tmp_path / run)]
+    assert entry["training_time"]["wall_seconds"] == pytest.approx(sum(seconds), abs=0.1)
+    model = ravit.create_model("test_export_two_stage_ats", pretrained=True)
+    loader = eval_loader("fashion_mnist", 1, 28)
+    assert evaluate(model, loader, torch.device("cpu"))["top1"] == pytest.approx(entry["test_top1_dense"], abs=0.01)
+    with_ats = ravit.apply_ats(model, **entry["ats"])
+    assert evaluate(with_ats, loader, torch.device("cpu"))["top1"] == pytest.approx(entry["test_top1"], abs=0.01)
+    assert entry["test_top1"] != entry["test_top1_dense"]
+    manifest = json.loads((tmp_path / "zoo" / "manifest.json").read_text())
+    assert manifest["models"]["test_export_two_stage_ats"]["ats"] == entry["ats"]

@@ -19,6 +19,12 @@ MODELS = load_manifest()["models"]
 NAMES = sorted(MODELS)
 
 
+def shipped(name: str) -> torch.nn.Module:
+    """The zoo model as its manifest measured it: with the ATS it was fine-tuned with, if any."""
+    model = ravit.create_model(name, pretrained=True)
+    return ravit.apply_ats(model, **MODELS[name]["ats"]) if "ats" in MODELS[name] else model
+
+
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -64,7 +70,7 @@ def test_reaches_manifest_accuracy_on_the_fixed_slice(name):
     except FileNotFoundError as err:
         pytest.skip(f"Fashion-MNIST not installed: {err}")
     entry = MODELS[name]
-    model = ravit.create_model(name, pretrained=True)
+    model = shipped(name)
     chans, size = entry["input_size"][0], entry["input_size"][-1]
     loader = eval_loader(entry["dataset"], chans, size, limit=entry["slice"]["first"])
     assert entry["slice"]["first"] == ZOO_SLICE
@@ -80,7 +86,7 @@ def test_reaches_manifest_accuracy_on_the_full_test_split(name):
     except FileNotFoundError as err:
         pytest.skip(f"Fashion-MNIST not installed: {err}")
     entry = MODELS[name]
-    model = ravit.create_model(name, pretrained=True)
+    model = shipped(name)
     loader = eval_loader(entry["dataset"], entry["input_size"][0], entry["input_size"][-1])
     result = evaluate(model, loader, torch.device("cpu"))
     assert result["count"] == 10_000

@@ -22,18 +22,28 @@ from ravit.train.checkpoint import load_training_checkpoint
 from ravit.train.config import TrainConfig
 from ravit.train.loop import evaluate
 
-__all__ = ["ZOO_SLICE", "export_zoo_model", "eval_loader", "zoo_model_kwargs"]
+__all__ = ["ZOO_SLICE", "ats_settings", "export_zoo_model", "eval_loader", "zoo_model_kwargs"]
 
 _NOTES = (
     "Each entry: exported by ravit.train.export.export_zoo_model(run_dir, name, description, train_command) from "
     "the run's last.pth (the final epoch, not a test-selected one); weights stored as float16. test_top1_fp32: full "
     "test split with the float32 training weights; test_top1 and slice.top1: through ravit.create_model(name, "
     "pretrained=True), full split and its first slice.first images. training_time: from the run's log.jsonl, the "
-    "sum of the epochs' wall seconds (pauses and shared cores included) and the median epoch."
+    "sum of the epochs' wall seconds over every stage (pauses and shared cores included) and the median epoch. "
+    "previous_stages: the configs of earlier runs the model continued from (train_command runs them in order). ats: "
+    "the ATS settings the model was fine-tuned with (ravit.apply_ats arguments); its test accuracies are measured "
+    "with them applied, test_top1_dense without."
 )
 
 # The fixed slice of the test split that tests/test_zoo.py checks against the manifest: the first 1000 images.
 ZOO_SLICE = 1000
+
+
+def ats_settings(cfg: TrainConfig) -> dict | None:
+    """The ATS the run trained with (``ravit.apply_ats`` keyword arguments), or None for a dense run."""
+    if cfg.ats_blocks is None:
+        return None
+    return {"blocks": list(cfg.ats_blocks), "budget": cfg.ats_budget, "sampler": cfg.ats_sampler}
 
 
 def zoo_model_kwargs(cfg: TrainConfig) -> dict:
@@ -65,17 +75,26 @@ def eval_loader(
     return DataLoader(ds, batch_size=batch_size, sampler=indices)
 
 
+def _with_ats(model, ats: dict | None):
+    """``model`` with the manifest's ATS settings applied (a copy), or ``model`` itself when there are none."""
+    if ats is None:
+        return model
+    from ravit.ats import apply_ats
+
+    return apply_ats(copy.deepcopy(model), **ats)
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _wall_time(run_dir: Path) -> dict:
-    """Training wall time from the run's ``log.jsonl``: the sum of the epochs' seconds and their median.
+def _wall_time(run_dirs: list[Path]) -> dict:
+    """Training wall time from the runs' ``log.jsonl``: the sum of all epochs' seconds and their median.
 
     The sum includes any time the process was paused or shared its cores; the median epoch is the quiet figure.
     """
-    log = run_dir / "log.jsonl"
-    seconds = [json.loads(line)["seconds"] for line in log.read_text().splitlines() if line.strip()]
+    seconds = [json.loads(line)["seconds"] for run in run_dirs
+               for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     if not seconds:
         return {}
     ordered = sorted(seconds)
@@ -89,8 +108,15 @@ def export_zoo_model(
     train_command: str,
     data_dir=None,
     zoo_dir: str | os.PathLike | None = None,
+    previous_runs: tuple[str | os.PathLike, ...] = (),
 ) -> dict:
-    """Export ``<run_dir>/last.pth`` as zoo model ``name`` and add (or replace) its manifest entry; returns it."""
+    """Export ``<run_dir>/last.pth`` as zoo model ``name`` and add (or replace) its manifest entry; returns it.
+
+    ``previous_runs`` are the earlier stages of a model trained in several runs (each starting from the last one's
+    weights, ``init_checkpoint``): their configs and epochs are recorded and their time added. A run that trained
+    with ATS in the loop records its ATS settings under ``ats``, and its accuracies are measured with them applied
+    (``test_top1_dense``: without).
+    """
     import timm
 
     import ravit
@@ -105,7 +131,9 @@ def export_zoo_model(
     model.load_state_dict(ckpt["state_dict"])
     info = dataset_info(cfg.dataset)
     full = eval_loader(cfg.dataset, kwargs["in_chans"], kwargs["img_size"], data_dir=data_dir)
-    fp32 = evaluate(model, full, torch.device("cpu"))
+    ats = ats_settings(cfg)
+    fp32 = evaluate(_with_ats(model, ats), full, torch.device("cpu"))
+    earlier = [load_training_checkpoint(Path(run) / "last.pth")["config"] for run in previous_runs]
 
     weights = zoo_dir / f"{name}.safetensors"
     save_checkpoint(copy.deepcopy(model).to(torch.float16), weights, metadata={"model": name, "dtype": "float16"})
@@ -126,13 +154,20 @@ def export_zoo_model(
         "params": sum(p.numel() for p in model.parameters()),
         "train_command": train_command,
         "seed": cfg.seed,
-        "epochs": cfg.epochs,
+        "epochs": cfg.epochs + sum(c["epochs"] for c in earlier),
         "train_config": ckpt["config"],
         "test_top1_fp32": round(fp32["top1"], 2),
-        "training_time": _wall_time(Path(run_dir)),
+        "training_time": _wall_time([*(Path(run) for run in previous_runs), Path(run_dir)]),
     }
+    if earlier:
+        entry["previous_stages"] = earlier
+    if ats is not None:
+        entry["ats"] = ats
     zoo.register_zoo_model(name, entry, zoo_dir)
     shipped = ravit.create_model(name, pretrained=True)
+    if ats is not None:
+        entry["test_top1_dense"] = round(evaluate(shipped, full, torch.device("cpu"))["top1"], 2)
+    shipped = _with_ats(shipped, ats)
     entry["test_top1"] = round(evaluate(shipped, full, torch.device("cpu"))["top1"], 2)
     sliced = eval_loader(cfg.dataset, kwargs["in_chans"], kwargs["img_size"], limit=ZOO_SLICE, data_dir=data_dir)
     entry["slice"] = {
