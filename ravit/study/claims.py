@@ -164,16 +164,23 @@ def _pairwise(summary: dict, cid: str, claim: str, paper: str, a: str, b: str, n
     return {"id": cid, "claim": claim, "paper": paper, "measured": measured, "holds": bool(holds)}
 
 
-def _scoring(summary: dict) -> dict:
+def _two_comparisons(summary: dict, first: tuple[str, str, str, str], second: tuple[str, str, str, str]):
+    """Two equal-GMACs comparisons ``(method a, method b, name a, name b)``: the joined text and both verdicts."""
     rows = summary["token_reduction"]["rows"]
-    m1, h1 = _versus(compare_at_equal_gmacs(rows, "ats", "ats_attention"), "attention x ‖V‖", "attention alone")
-    m2, h2 = _versus(compare_at_equal_gmacs(rows, "ats", "random"), "attention x ‖V‖", "random")
+    m1, h1 = _versus(compare_at_equal_gmacs(rows, *first[:2]), *first[2:])
+    m2, h2 = _versus(compare_at_equal_gmacs(rows, *second[:2]), *second[2:])
+    return f"{m1}; {m2}", h1, h2
+
+
+def _scoring(summary: dict) -> dict:
+    measured, h1, h2 = _two_comparisons(summary, ("ats", "ats_attention", "attention x ‖V‖", "attention alone"),
+                                        ("ats", "random", "attention x ‖V‖", "random"))
     return {
         "id": "ats-scoring",
         "claim": "Scoring tokens by class attention x value norm beats class attention alone and random selection "
                  "at equal GMACs (multi-stage, no fine-tuning)",
         "paper": "ATS §4.3 (the ‖V‖ and random ablations; their numbers are not on the poster we could read)",
-        "measured": f"{m1}; {m2}",
+        "measured": measured,
         "holds": bool(h1 and h2),
     }
 
@@ -201,16 +208,15 @@ def _finetune(summary: dict) -> dict:
 
 
 def _tome(summary: dict) -> dict:
-    rows = summary["token_reduction"]["rows"]
-    m1, h1 = _versus(compare_at_equal_gmacs(rows, "ats", "tome"), "ATS (paper form)", "ToMe")
-    m2, h2 = _versus(compare_at_equal_gmacs(rows, "ats_fused_linear", "tome"), "ATS Top-K fused + linear", "ToMe")
+    measured, h1, h2 = _two_comparisons(summary, ("ats", "tome", "ATS (paper form)", "ToMe"),
+                                        ("ats_fused_linear", "tome", "ATS Top-K fused + linear", "ToMe"))
     return {
         "id": "ats-vs-tome",
         "claim": "ATS, in the paper's form or with ravit's options (Top-K, fused, linear schedule), is at least "
                  "as accurate as ToMe (token merging, the method practitioners pick) at equal GMACs, both without "
                  "fine-tuning (ATS on FAN: not measured yet)",
         "paper": "neither paper: ToMe (Bolya et al., ICLR 2023) came after ATS; the comparison is ravit's",
-        "measured": f"{m1}; {m2}",
+        "measured": measured,
         "holds": bool(h1 or h2),
     }
 
