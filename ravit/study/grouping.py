@@ -20,19 +20,20 @@ def measure_grouping(models: dict[str, nn.Module], labels: dict[str, str], n_ima
     """``{model name: {"significant_eigenvalues": {block: mean}, "relative_perturbation": {block: mean}}}``, the
     blocks in order (block names as the model's modules, ``blocks.0`` first)."""
     result = {}
-    steps = [(name, part) for name in models for part in ("eigenvalues", "perturbation")]
-    bar = tqdm(steps, disable=not progress)
-    for name, part in bar:
-        bar.set_description(f"{labels[name]} · grouping · {part}")
-        model = models[name]
-        spec, images, _ = test_images(model, n_images)
+    bar = tqdm(total=2 * len(models), disable=not progress)
+    for name, model in models.items():
+        spec, images, _ = test_images(model, n_images)  # read once per model, used by both measures
         batches = list(spec.normalize(images).to(next(model.parameters()).device).split(32))  # (b, C, H, W) each
-        entry = result.setdefault(name, {})
-        if part == "eigenvalues":
-            counts = grouping_spectra(model, batches)
-            entry["significant_eigenvalues"] = {k: float(v.float().mean()) for k, v in counts.items()}
-        else:
-            perturb = perturbation_profile(model, batches, noise_std=noise_std)
-            entry["relative_perturbation"] = {k: float(v.mean()) for k, v in perturb.items() if k != "input"}
+        bar.set_description(f"{labels[name]} · grouping · eigenvalues")
+        counts = grouping_spectra(model, batches)
+        bar.update()
+        bar.set_description(f"{labels[name]} · grouping · perturbation")
+        perturb = perturbation_profile(model, batches, noise_std=noise_std)
+        bar.update()
+        result[name] = {
+            "significant_eigenvalues": {k: float(v.float().mean()) for k, v in counts.items()},
+            "relative_perturbation": {k: float(v.mean()) for k, v in perturb.items() if k != "input"},
+        }
+    bar.close()
     return result
 
