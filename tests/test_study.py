@@ -145,7 +145,8 @@ def test_crash_leaves_the_previous_results_and_no_partial_folder(tmp_path, monke
         (["--budgets", "1.0001"], "never rounded"),
         (["--limit", "2.5"], "--limit"),
         (["--corruption-images", "0"], "--corruption-images must be >= 1"),
-        (["fmnist_fan_p4", "fmnist_deit_p4"], "ATS supports timm VisionTransformer"),
+        (["fmnist_fan_p4", "fmnist_deit_p4"], "the ViT must be a timm VisionTransformer"),
+        (["fmnist_deit_p4", "fmnist_deit12_p4"], "the FAN must be a FAN-ViT or FAN-Hybrid"),
     ],
 )
 def test_bad_settings_fail_before_any_work(tmp_path, capsys, monkeypatch, extra, message):

@@ -506,7 +506,7 @@ class _MyAttention(Attention):
     ("build", "match"),
     [
         (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten()), "got Sequential"),
-        (lambda: ravit.create_model("fmnist_fan_p4"), "ToMe supports timm VisionTransformer"),
+        (lambda: ravit.create_model("test_fan_swin"), "ToMe supports timm VisionTransformer"),
         (lambda: random_vit(block_fn=ResPostBlock), "block 0 is ResPostBlock"),
         (lambda: random_vit(attn_layer=_MyAttention), "block 0 is Block with _MyAttention"),
     ],

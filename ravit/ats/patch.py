@@ -19,14 +19,18 @@ from torch.utils.checkpoint import checkpoint
 from ravit._plugin import TokenReducer, attach, detach
 from ravit.ats.block import Tokens, block_forward, unpack
 from ravit.ats.config import ATSConfig, Budget, Sampler
+from ravit.ats.fan import channel_forward, class_attention, dense_slots, fan_check, mixing_forward
+from ravit.ats.fan import to_tokens as fan_tokens
 from ravit.ats.hosts import HOSTS, Host, host_of
 from ravit.ats.padded import Slots, padded_block_forward, to_tokens
 from ravit.ats.sampling import samples_per_image, static_sampler
 from ravit.errors import InvalidArgumentError
+from ravit.models.fan import FAN
 
 __all__ = ["apply_ats", "remove_ats", "has_ats", "ats_forward_features", "UnsupportedModelError"]
 
-SUPPORTED = "ATS supports " + "; ".join(host.description for host in HOSTS)
+SUPPORTED = "ATS supports " + "; ".join(host.description for host in HOSTS) + (
+    "; ravit's FAN-ViT and FAN-Hybrid (FAN blocks with channel processing, class-attention head; ravit.ats.fan)")
 
 
 class UnsupportedModelError(InvalidArgumentError):
@@ -45,6 +49,8 @@ def _check_host(model: nn.Module) -> None:
     if getattr(model, "tome_config", None) is not None:  # ravit.tome's marker (tome imports this module, not back)
         raise InvalidArgumentError(
             "ToMe is applied to this model; call ravit.remove_tome(model) first (ATS and ToMe do not combine)")
+    if isinstance(model, FAN):
+        return  # checked with the first ATS block known (_check_blocks)
     host = host_of(model)
     if host is None:
         raise UnsupportedModelError(f"{SUPPORTED}; got {type(model).__name__}")
@@ -55,7 +61,7 @@ def _check_host(model: nn.Module) -> None:
 
 def _check_blocks(model: nn.Module, first: int) -> None:
     """Blocks from the first ATS block on run through the host's adapter, which knows the host's own block only."""
-    reason = host_of(model).check_blocks(model, first)
+    reason = fan_check(model, first) if isinstance(model, FAN) else host_of(model).check_blocks(model, first)
     if reason is not None:
         raise UnsupportedModelError(f"{SUPPORTED}; {reason}")
 
@@ -105,6 +111,8 @@ def ats_forward_features(
         raise InvalidArgumentError(
             "this ATS model keeps a data-dependent number of tokens per image, so it cannot be exported; apply ATS "
             "with static=True (int budgets, or schedule='linear') for torch.export and ONNX")
+    if isinstance(model, FAN):
+        return _fan_features(model, images, record)
     host = host_of(model)
     _check_images(model, images)
     x, positions = host.embed(model, images)  # (B, N, C), the host's per-call position data
@@ -173,6 +181,32 @@ def _padded_features(model: nn.Module, host: Host, x: torch.Tensor, positions: o
     return model.norm(slots.x) * (slots.size > 0)[..., None].to(slots.x.dtype)  # (B, L, C), zero in empty slots
 
 
+def _fan_features(model: FAN, images: torch.Tensor, record: list[Tokens] | None) -> torch.Tensor:
+    """``forward_features`` of a FAN with ATS (:mod:`ravit.ats.fan`): (B, 1 + L, C), zero in empty slots."""
+    cfg: ATSConfig = model.ats_config
+    x, hw = model._embed(images)  # (B, G, C) on an (H, W) grid; FAN checks the images
+    for i in range(cfg.blocks[0]):  # dense blocks before the first ATS block: FAN's own forward
+        x, hw = model._run_block(model.blocks[i], x, hw)
+    slots = dense_slots(x)
+    budgets = dict(zip(cfg.blocks, cfg.budgets, strict=True))
+    sampler = cfg.sampler_fn()
+    fused = cfg.fuse != "none"
+    for i in range(cfg.blocks[0], len(model.blocks)):
+        keep_fn, width = None, None
+        if i in budgets:
+            if cfg.static:
+                width = min(budgets[i], slots.x.shape[1])
+                keep_fn = static_sampler(sampler, budgets[i])
+            else:
+                keep_fn = functools.partial(_select, sampler=sampler, budget=budgets[i], n_ref=x.shape[1])
+        slots, _ = mixing_forward(model.blocks[i], slots, hw, keep_fn, width, proportional=fused,
+                                  value_norm=cfg.score == "attention_value", fuse=fused)
+        slots = channel_forward(model.blocks[i], slots, hw, proportional=fused)
+        if record is not None and keep_fn is not None:
+            record.append(fan_tokens(slots))
+    return class_attention(model, slots, proportional=fused)
+
+
 def apply_ats(
     model: nn.Module,
     blocks: Iterable[int] = range(3, 12),
@@ -211,11 +245,17 @@ def apply_ats(
     """
     _check_host(model)
     config = ATSConfig.build(
-        blocks, budget, sampler, depth=len(model.blocks), num_patches=model.patch_embed.num_patches,
+        blocks, budget, sampler, depth=len(model.blocks), num_patches=_num_patches(model.patch_embed),
         schedule=schedule, fuse=fuse, static=static, score=score,
     )
     _check_blocks(model, config.blocks[0])
     return attach(model, _ATSModel, "ats_config", config)
+
+
+def _num_patches(patch_embed: nn.Module) -> int:
+    """Patch tokens at the model's nominal input size (FAN-Hybrid's embedding gives only its grid)."""
+    num = getattr(patch_embed, "num_patches", None)
+    return num if num is not None else patch_embed.grid_size[0] * patch_embed.grid_size[1]
 
 
 def remove_ats(model: nn.Module) -> nn.Module:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ravit._factory import create_model
@@ -33,6 +34,7 @@ from ravit.ats import apply_ats
 from ravit.ats.config import Budget
 from ravit.data import CLASSES
 from ravit.errors import InvalidArgumentError
+from ravit.models.fan import FAN
 from ravit.outputs import write_text
 from ravit.robustness.benchmarks import check_classes
 from ravit.robustness.registry import BENCHMARK_CORRUPTIONS, SEVERITIES, resolve_corruptions
@@ -61,6 +63,17 @@ QUICK = {"limit": 200, "corruption_images": 100, "corruptions": tuple(BENCHMARK_
 def _check_positive(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise InvalidArgumentError(f"{name} must be positive (an integer >= 1), got {value!r}")
+
+
+def _check_roles(models: dict[str, nn.Module], names: dict[str, str | None]) -> None:
+    """The ViT (and the fine-tuned ViT) must be timm ViTs, the FAN a FAN: the study compares the two families."""
+    role_names = {"vit": "ViT", "vit_ats": "fine-tuned ViT (--finetuned)", "fan": "FAN"}
+    for role, kind, expected in (("vit", VisionTransformer, "a timm VisionTransformer (DeiT-style, class token)"),
+                                 ("vit_ats", VisionTransformer, "a timm VisionTransformer (DeiT-style, class token)"),
+                                 ("fan", FAN, "a FAN-ViT or FAN-Hybrid")):
+        if role in models and not isinstance(models[role], kind):
+            raise InvalidArgumentError(
+                f"the {role_names[role]} must be {expected}, got {names[role]} ({type(models[role]).__name__})")
 
 
 def _check_budgets(vit: nn.Module, budgets: Sequence[Budget]) -> list[Budget]:
@@ -139,6 +152,7 @@ def run_study(
     check_out(out)
     device = torch.device(device)
     models = {role: create_model(name, pretrained=True).eval() for role, name in names.items() if name is not None}
+    _check_roles(models, names)
     s["budgets"] = _check_budgets(models["vit"], s["budgets"])
     if "vit_ats" in models:
         _check_budgets(models["vit_ats"], s["budgets"])

@@ -25,15 +25,19 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ravit._plugin import TokenReducer, attach, detach
+from ravit.ats.fan import fan_check
 from ravit.ats.patch import UnsupportedModelError, _check_images, has_ats
 from ravit.errors import InvalidArgumentError
+from ravit.models.fan import FAN
 from ravit.tome.block import block_forward
+from ravit.tome.fan import fan_tome_features
 
 __all__ = ["SUPPORTED", "ToMeConfig", "apply_tome", "has_tome", "remove_tome", "tome_forward_features"]
 
 SUPPORTED = (
     "ToMe supports timm VisionTransformer models built from timm's pre-norm Block and Attention: ViT and DeiT with a "
-    "class token, DeiT distilled, ViTs with register tokens or global average pooling (prefix tokens never merge)"
+    "class token, DeiT distilled, ViTs with register tokens or global average pooling (prefix tokens never merge); "
+    "ravit's FAN-ViT and FAN-Hybrid (ravit.tome.fan)"
 )
 
 
@@ -76,6 +80,11 @@ def _check_host(model: nn.Module) -> None:
             "ToMe is already applied to this model; call ravit.tome.remove_tome(model) first to change it")
     if has_ats(model):
         raise InvalidArgumentError("ATS is applied to this model; call ravit.remove_ats(model) before applying ToMe")
+    if isinstance(model, FAN):
+        reason = fan_check(model, 0)
+        if reason is not None:
+            raise UnsupportedModelError(f"{SUPPORTED}; {reason}")
+        return
     if not isinstance(model, VisionTransformer):
         reason = _positions_in_attention(model)
         raise UnsupportedModelError(f"{SUPPORTED}; got {type(model).__name__}" + (f": {reason}" if reason else ""))
@@ -121,6 +130,8 @@ def tome_forward_features(model: VisionTransformer, images: torch.Tensor) -> tor
         images: (B, C, H, W).
     """
     cfg: ToMeConfig = model.tome_config
+    if isinstance(model, FAN):
+        return fan_tome_features(model, images)
     _check_images(model, images)
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))  # (B, N, C)
     protected = model.num_prefix_tokens
@@ -138,7 +149,7 @@ def apply_tome(model: nn.Module, r: int | Sequence[int], prop_attn: bool = True,
     """Patch a timm ViT in place with Token Merging and return it.
 
     Args:
-        model: a timm ``VisionTransformer`` (see ``SUPPORTED``).
+        model: a timm ``VisionTransformer`` or ravit FAN-ViT / FAN-Hybrid (see ``SUPPORTED``).
         r: tokens merged in each block: an int (the same r in every block, the paper's constant schedule, Sec. 3
             "Strategy") or one int per block. Each block merges at most half of its mergeable tokens (larger values
             are clamped).
