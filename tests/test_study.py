@@ -19,7 +19,7 @@ except FileNotFoundError as err:  # pragma: no cover - depends on the machine
 from ravit.cli import main  # noqa: E402
 from ravit.robustness.registry import BENCHMARK_CORRUPTIONS  # noqa: E402
 from ravit.study import DEFAULT_FAN, DEFAULT_VIT  # noqa: E402
-from ravit.study.reduction import METHODS  # noqa: E402
+from ravit.study.reduction import FAN_METHODS, METHODS  # noqa: E402
 
 SMALL = ["--limit", "24", "--corruption-images", "48", "--severities", "2", "--gmacs-images", "4",
          "--analysis-images", "4", "--no-progress"]
@@ -44,18 +44,22 @@ def test_study_writes_every_result(tmp_path, capsys):
     assert dense["gmacs_ratio"] == 1.0
     assert all(r["gmacs"] < dense["gmacs"] for r in rows if r["method"] != "dense")
     assert {(r["method"], r["setting"]) for r in rows if r["method"] == "ats"} == {("ats", "all"), ("ats", "0.7")}
+    fan_rows = summary["token_reduction_fan"]["rows"]
+    assert {r["method"] for r in fan_rows} == set(FAN_METHODS)
+    assert fan_rows[0]["method"] == "dense" and all(r["gmacs"] < fan_rows[0]["gmacs"] for r in fan_rows[1:])
+    assert summary["token_reduction_fan"]["depth"] == summary["models"][FAN]["depth"]
     claims = summary["claims"]
     assert [c["id"] for c in claims] == ["fan-robustness", "fan-grouping", "fan-perturbation", "ats-off-the-shelf",
                                          "ats-vs-topk", "ats-multi-stage", "ats-scoring", "ats-finetune",
-                                         "ats-vs-tome"]
+                                         "ats-vs-tome", "ats-on-fan"]
     for c in claims:
         assert set(c) == {"id", "claim", "paper", "measured", "holds"} and isinstance(c["holds"], bool)
         assert all(isinstance(c[k], str) and c[k] for k in ("id", "claim", "paper", "measured"))
     md = (out / "summary.md").read_text()
-    assert md.index("## Claims") < md.index("## Robustness") and md.count("| **yes** |") + md.count("| **no** |") == 9
+    assert md.index("## Claims") < md.index("## Robustness") and md.count("| **yes** |") + md.count("| **no** |") == 10
     assert "## Claims" in capsys.readouterr().out
     for fname in ("summary.png", "robustness.png", "token_reduction.png", "grouping.png", "token_reduction.csv",
-                  "claims.csv"):
+                  "token_reduction_fan.csv", "claims.csv"):
         assert (out / fname).stat().st_size > 0, fname
     assert len(summary["grouping"][VIT]["significant_eigenvalues"]) == summary["models"][VIT]["depth"]
     assert summary["settings"]["quick"] and summary["settings"]["limit"] == 24
@@ -93,7 +97,7 @@ def test_small_run_has_no_division_by_zero_and_replaces_an_old_run(tmp_path, cap
     assert all(r["mce_vs_vit_15"] is None for r in summary["robustness"].values())
     assert "n/a" in (out / "summary.md").read_text() and "n/a" in capsys.readouterr().out
     assert {r["setting"] for r in summary["token_reduction"]["rows"] if r["method"] == "ats"} == {"0.7"}
-    assert len(summary["claims"]) == 9
+    assert len(summary["claims"]) == 10
 
 
 def test_crash_leaves_the_previous_results_and_no_partial_folder(tmp_path, monkeypatch):

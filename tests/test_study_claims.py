@@ -65,6 +65,10 @@ def summary(good: bool) -> dict:
     for r in rows:
         if r["method"] in ("ats", "ats_finetuned") and r["gmacs_ratio"] == 0.65:
             r["setting"] = "all"
+    fan_rows = [{"method": "dense", "setting": "all", "accuracy": 0.91, "gmacs": 1.0, "gmacs_ratio": 1.0}]
+    fan_rows += curve("ats", [(0.5, 0.80 if good else 0.60), (0.8, 0.90 if good else 0.70)])
+    fan_rows += curve("ats_fused_linear", [(0.5, 0.70), (0.8, 0.80)])
+    fan_rows += curve("tome", [(0.5, 0.75), (0.8, 0.85)])
     return {
         "roles": {"vit": "v", "fan": "f", "vit_ats": "t"},
         "labels": {"v": "ViT-8", "f": "FAN-8", "t": "ViT+ATS-FT-8"},
@@ -79,12 +83,13 @@ def summary(good: bool) -> dict:
                   "relative_perturbation": {k: v / 10 for k, v in (blocks if good else flat).items()}},
         },
         "token_reduction": {"first_ats_block": 2, "depth": 8, "rows": rows},
+        "token_reduction_fan": {"first_ats_block": 2, "depth": 8, "rows": fan_rows},
     }
 
 
 def test_every_claim_holds_on_a_summary_built_to_hold():
     result = claims(summary(good=True))
-    assert len(result) == 9
+    assert len(result) == 10
     assert {c["id"]: c["holds"] for c in result} == {c["id"]: True for c in result}
     off = next(c for c in result if c["id"] == "ats-off-the-shelf")
     assert "−35.0%" in off["measured"] and "(-0.5 pt)" in off["measured"]
@@ -107,6 +112,19 @@ def test_claims_say_why_when_nothing_can_be_compared():
     assert not result["ats-finetune"]["holds"] and "no fine-tuned ViT" in result["ats-finetune"]["measured"]
     assert not result["ats-vs-topk"]["holds"] and "share no GMACs range" in result["ats-vs-topk"]["measured"]
     assert not result["fan-robustness"]["holds"] and "n/a" in result["fan-robustness"]["measured"]
+    s["token_reduction_fan"]["rows"] = s["token_reduction_fan"]["rows"][:1]
+    result = {c["id"]: c for c in claims(s)}
+    assert not result["ats-on-fan"]["holds"] and "no ATS setting" in result["ats-on-fan"]["measured"]
+
+
+def test_ats_on_fan_holds_when_either_ats_mode_reaches_tome():
+    s = summary(good=False)
+    fan = s["token_reduction_fan"]
+    fan["rows"] = [r for r in fan["rows"] if r["method"] != "ats_fused_linear"]
+    fan["rows"] += curve("ats_fused_linear", [(0.5, 0.76), (0.8, 0.86)])
+    result = {c["id"]: c for c in claims(s)}
+    assert result["ats-on-fan"]["holds"] and "+1.0 pt vs ToMe on FAN" in result["ats-on-fan"]["measured"]
+    assert "default budget" not in result["ats-on-fan"]["measured"]  # no 'all' point on this FAN curve
 
 
 @pytest.mark.parametrize("kwargs", [dict(budget=None), dict(budget=0.6, sampler="topk"), dict(budget=[20, 9, 4])])

@@ -42,7 +42,7 @@ from ravit.study._folder import check_out, publish, work_folder
 from ravit.study.claims import claims
 from ravit.study.figures import plot_grouping, plot_reduction, plot_robustness, plot_summary
 from ravit.study.grouping import measure_grouping
-from ravit.study.reduction import first_ats_block, measure_reduction
+from ravit.study.reduction import first_ats_block, measure_fan_reduction, measure_reduction
 from ravit.study.report import markdown
 from ravit.study.robustness import measure_robustness
 
@@ -176,11 +176,14 @@ def run_study(
         summary["token_reduction"] = measure_reduction(
             {r: m for r, m in models.items() if r != "fan"}, labels[vit], s["limit"], s["budgets"], batch_size,
             s["gmacs_images"], quick, progress)
+        summary["token_reduction_fan"] = measure_fan_reduction(
+            models["fan"], labels[fan], s["limit"], s["budgets"], batch_size, s["gmacs_images"], quick, progress)
         summary["grouping"] = measure_grouping(pair, labels, s["analysis_images"], noise_std, progress)
         summary["claims"] = claims(summary)
         summary["seconds"] = time.perf_counter() - started
-        rows = summary["token_reduction"]["rows"]
-        write_csv(work / "token_reduction.csv", list(rows[0]), [list(r.values()) for r in rows])
+        for key, model in (("token_reduction", "vit"), ("token_reduction_fan", "fan")):
+            rows = [{"model": names[model], **r} for r in summary[key]["rows"]]
+            write_csv(work / f"{key}.csv", list(rows[0]), [list(r.values()) for r in rows])
         write_csv(work / "claims.csv", list(summary["claims"][0]), [list(c.values()) for c in summary["claims"]])
         plot_robustness(summary, work / "robustness.png")
         plot_reduction(summary, work / "token_reduction.png")

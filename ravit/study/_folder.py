@@ -17,7 +17,7 @@ __all__ = ["OUTPUTS", "check_out", "publish", "work_folder"]
 # The names of earlier versions are listed too, so a folder written by an older ravit is still recognised.
 OUTPUTS = frozenset({
     "robustness", "summary.json", "summary.md", "summary.png", "claims.csv", "token_reduction.csv",
-    "robustness.png", "token_reduction.png", "grouping.png",
+    "token_reduction_fan.csv", "robustness.png", "token_reduction.png", "grouping.png",
     "ats.csv", "ats_accuracy_vs_gmacs.png", "grouping_eigenvalues.png", "grouping_perturbation.png",
 })
 

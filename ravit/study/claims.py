@@ -164,9 +164,11 @@ def _pairwise(summary: dict, cid: str, claim: str, paper: str, a: str, b: str, n
     return {"id": cid, "claim": claim, "paper": paper, "measured": measured, "holds": bool(holds)}
 
 
-def _two_comparisons(summary: dict, first: tuple[str, str, str, str], second: tuple[str, str, str, str]):
-    """Two equal-GMACs comparisons ``(method a, method b, name a, name b)``: the joined text and both verdicts."""
-    rows = summary["token_reduction"]["rows"]
+def _two_comparisons(summary: dict, first: tuple[str, str, str, str], second: tuple[str, str, str, str],
+                     key: str = "token_reduction"):
+    """Two equal-GMACs comparisons ``(method a, method b, name a, name b)`` in the sweep ``summary[key]``: the joined
+    text and both verdicts."""
+    rows = summary[key]["rows"]
     m1, h1 = _versus(compare_at_equal_gmacs(rows, *first[:2]), *first[2:])
     m2, h2 = _versus(compare_at_equal_gmacs(rows, *second[:2]), *second[2:])
     return f"{m1}; {m2}", h1, h2
@@ -214,15 +216,36 @@ def _tome(summary: dict) -> dict:
         "id": "ats-vs-tome",
         "claim": "ATS, in the paper's form or with ravit's options (Top-K, fused, linear schedule), is at least "
                  "as accurate as ToMe (token merging, the method practitioners pick) at equal GMACs, both without "
-                 "fine-tuning (ATS on FAN: not measured yet)",
+                 "fine-tuning",
         "paper": "neither paper: ToMe (Bolya et al., ICLR 2023) came after ATS; the comparison is ravit's",
         "measured": measured,
         "holds": bool(h1 or h2),
     }
 
 
+def _on_fan(summary: dict) -> dict:
+    red = summary["token_reduction_fan"]
+    claim = {
+        "id": "ats-on-fan",
+        "claim": f"ATS also runs on the FAN (ravit's extension: FAN blocks have no class token, so tokens are scored "
+                 f"by the attention they receive x ‖V‖; blocks {red['first_ats_block']}–{red['depth'] - 1}), and at "
+                 f"equal GMACs it is at least as accurate as ToMe on the same FAN, both without fine-tuning",
+        "paper": "neither paper: FAN has no token reduction and ATS no FAN host; the comparison is ravit's",
+    }
+    if "ats" not in {r["method"] for r in red["rows"]}:
+        return {**claim, "measured": "no ATS setting was run on the FAN", "holds": False}
+    dense, ats = _row(red["rows"], "dense", "all"), _row(red["rows"], "ats", "all")
+    default = "" if ats is None else (f"default budget: {_pt(ats['accuracy'])}% at {ats['gmacs_ratio']:.2f}x "
+                                      f"GMACs (dense {_pt(dense['accuracy'])}%); ")
+    measured, h1, h2 = _two_comparisons(summary, ("ats", "tome", "ATS on FAN (paper form)", "ToMe on FAN"),
+                                        ("ats_fused_linear", "tome", "ATS on FAN Top-K fused + linear",
+                                         "ToMe on FAN"), key="token_reduction_fan")
+    return {**claim, "measured": default + measured, "holds": bool(h1 or h2)}
+
+
 def claims(summary: dict) -> list[dict]:
-    """The nine claims, each ``{"id", "claim", "paper", "measured", "holds"}``, from a study's summary."""
+    """The ten claims (the issue's nine, the ninth in two rows: ATS vs ToMe on the ViT, ATS on FAN), each
+    ``{"id", "claim", "paper", "measured", "holds"}``, from a study's summary."""
     return [
         _robust(summary),
         _grouping(summary),
@@ -240,4 +263,5 @@ def claims(summary: dict) -> list[dict]:
         _scoring(summary),
         _finetune(summary),
         _tome(summary),
+        _on_fan(summary),
     ]

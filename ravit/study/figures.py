@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ravit.outputs import atomic_open
-from ravit.study.reduction import METHODS
+from ravit.study.reduction import FAN_METHODS, METHODS
 
 __all__ = ["plot_grouping", "plot_reduction", "plot_robustness", "plot_summary"]
 
@@ -61,14 +61,11 @@ def plot_robustness(summary: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_reduction(summary: dict, path: Path) -> Path:
-    """Accuracy against GMACs / dense for every method, each point labelled with its budget (K per ATS block, the
-    final budget for fused + linear, r for ToMe)."""
-    rows = summary["token_reduction"]["rows"]
-    fig = Figure(figsize=(9.5, 6.0))
-    ax = fig.subplots()
-    for method, name in METHODS.items():
-        points = sorted((r["gmacs_ratio"], 100 * r["accuracy"], r["setting"]) for r in rows if r["method"] == method)
+def _reduction_panel(ax, red: dict, names: dict[str, str], model: str) -> None:
+    """One sweep's accuracy against GMACs / dense, each point labelled with its setting."""
+    for method, name in names.items():
+        points = sorted((r["gmacs_ratio"], 100 * r["accuracy"], r["setting"]) for r in red["rows"]
+                        if r["method"] == method)
         if not points:
             continue
         g, a, s = zip(*points, strict=True)
@@ -79,13 +76,24 @@ def plot_reduction(summary: dict, path: Path) -> Path:
         line = ax.plot(g, a, linestyle="-" if method not in ("random", "ats_attention") else ":", **style)[0]
         for gi, ai, si in zip(g, a, s, strict=True):
             ax.annotate(si, (gi, ai), textcoords="offset points", xytext=(4, 3), fontsize=7, color=line.get_color())
-    ax.set_xlabel("GMACs per image / dense ViT")
+    ax.set_xlabel(f"GMACs per image / dense {model}")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(f"Token reduction on the {summary['labels'][summary['roles']['vit']]} (Fashion-MNIST test, first "
-                 f"{summary['token_reduction']['images']} images; labels: budget K per ATS block, r for ToMe)")
-    ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
+
+
+def plot_reduction(summary: dict, path: Path) -> Path:
+    """Accuracy against GMACs / dense for every method, each point labelled with its budget (K per ATS block, the
+    final budget for fused + linear, r for ToMe): the ViT's sweep, and the FAN's beside it."""
+    labels, roles = summary["labels"], summary["roles"]
+    fig = Figure(figsize=(16.0, 6.0))
+    left, right = fig.subplots(1, 2)
+    _reduction_panel(left, summary["token_reduction"], METHODS, "ViT")
+    left.set_title(f"Token reduction on the {labels[roles['vit']]} (ATS §4)", fontsize=10)
+    _reduction_panel(right, summary["token_reduction_fan"], FAN_METHODS, "FAN")
+    right.set_title(f"Token reduction on the {labels[roles['fan']]} (ravit's ATS and ToMe on FAN)", fontsize=10)
+    fig.suptitle(f"Fashion-MNIST test, first {summary['token_reduction']['images']} images, no fine-tuning unless "
+                 f"named; labels: budget K per ATS block (→K: tokens left at the end), r for ToMe", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -14,6 +14,10 @@ Methods (``method`` in the rows; ATS blocks "first..last" are the paper's placem
   linearly to the final budget, dropped tokens averaged into their nearest kept token (issue 10's best mode).
 - ``ats_finetuned``: ``ats`` on the ViT fine-tuned with ATS in the loop (Sec. 4.2 b).
 
+The FAN gets its own sweep (:func:`measure_fan_reduction`, ``FAN_METHODS``): ``dense``, ``ats`` and
+``ats_fused_linear`` as above through :mod:`ravit.ats.fan` (tokens scored by the attention they receive, FAN blocks
+having no class token), and ``tome`` through :mod:`ravit.tome.fan`.
+
 GMACs are counted with ``FlopCounterMode`` on the first ``gmacs_images`` images and averaged. The ragged ATS path
 computes each image on its own tokens, so one counted forward of the batch gives the sum of the per-image counts
 (checked in the tests); the padded (fused) path pads to the batch's widest image, so its images are counted alone
@@ -34,10 +38,14 @@ from ravit.ats import apply_ats, has_ats, trace
 from ravit.ats.config import Budget
 from ravit.ats.sampling import topk_sampling
 from ravit.bench.flops import count_flops
+from ravit.models.fan import FAN
 from ravit.study._images import test_images
 from ravit.tome import apply_tome
 
-__all__ = ["METHODS", "Setting", "first_ats_block", "measure_reduction", "random_sampler", "settings"]
+__all__ = [
+    "FAN_METHODS", "METHODS", "Setting", "fan_settings", "first_ats_block", "measure_fan_reduction",
+    "measure_reduction", "random_sampler", "settings",
+]
 
 # Display names, in the order the tables and the figure list them.
 METHODS = {
@@ -50,6 +58,15 @@ METHODS = {
     "tome": "ToMe",
     "ats_fused_linear": "ATS Top-K, fused, linear (ravit)",
     "ats_finetuned": "ATS, fine-tuned ViT",
+}
+
+
+# The FAN's sweep (ravit's ATS and ToMe on FAN, :mod:`ravit.ats.fan`): no paper measured these.
+FAN_METHODS = {
+    "dense": "dense FAN",
+    "ats": "ATS on FAN (multi-stage)",
+    "ats_fused_linear": "ATS on FAN, Top-K fused linear (ravit)",
+    "tome": "ToMe on FAN",
 }
 
 
@@ -117,6 +134,20 @@ def settings(depth: int, num_patches: int, budgets: Sequence[Budget], finetuned:
     return out
 
 
+def fan_settings(depth: int, num_patches: int, budgets: Sequence[Budget], quick: bool) -> list[Setting]:
+    """The FAN's sweep: ATS as the paper runs it (the ViT's budgets and placement), ATS Top-K fused with the linear
+    schedule, and ToMe, on the FAN (``model`` "fan")."""
+    multi = list(range(first_ats_block(depth), depth))
+    fused = (0.5, 0.05) if quick else (0.5, 0.25, 0.1, 0.02)
+    rs = _tome_rs(depth, num_patches)
+    out = [Setting("dense", "all", model="fan")]
+    out += [Setting("ats", _label(b), model="fan", ats=dict(blocks=multi, budget=b)) for b in budgets]
+    out += [Setting("ats_fused_linear", f"→{b:g}", model="fan", ats=dict(
+        blocks=multi, budget=b, sampler="topk", schedule="linear", fuse="nearest")) for b in fused]
+    out += [Setting("tome", f"r={r}", model="fan", tome=r) for r in (rs[::2] if quick else rs)]
+    return out
+
+
 def _build(model: nn.Module, setting: Setting) -> nn.Module:
     model = copy.deepcopy(model)
     if setting.tome is not None:
@@ -132,28 +163,27 @@ def _build(model: nn.Module, setting: Setting) -> nn.Module:
 @torch.no_grad()
 def mean_gmacs(model: nn.Module, images: torch.Tensor) -> float:
     """Mean GMACs per image of ``model`` over ``images`` (B, C, H, W), each image counted as if it ran alone."""
-    if has_ats(model) and model.ats_config.padded:
+    if has_ats(model) and (model.ats_config.padded or isinstance(model, FAN)):  # slots padded to the widest image
         return float(trace(model, images).gmacs.mean())
     return count_flops(model, images) / 2e9 / images.shape[0]
 
 
 @torch.no_grad()
-def measure_reduction(vits: dict[str, nn.Module], label: str, limit: int, budgets: Sequence[Budget], batch_size: int,
-              gmacs_images: int, quick: bool, progress: bool) -> dict:
-    """Every setting of :func:`settings` on the first ``limit`` test images: rows of method, setting, accuracy,
-    GMACs and GMACs / dense. ``vits`` holds "vit" and, optionally, "vit_ats" (the fine-tuned ViT)."""
-    vit = vits["vit"]
-    spec, images, labels = test_images(vit, limit)
-    inputs = spec.normalize(images).to(next(vit.parameters()).device)  # (N, C, H, W)
-    plan = settings(len(vit.blocks), vit.patch_embed.num_patches, budgets, "vit_ats" in vits, quick)
+def _sweep(models: dict[str, nn.Module], plan: list[Setting], names: dict[str, str], label: str, limit: int,
+           batch_size: int, gmacs_images: int, progress: bool) -> dict:
+    """Every setting of ``plan`` on the first ``limit`` test images: rows of method, setting, accuracy, GMACs and
+    GMACs / dense (the plan's first setting)."""
+    first = models[plan[0].model]
+    spec, images, labels = test_images(first, limit)
+    inputs = spec.normalize(images).to(next(first.parameters()).device)  # (N, C, H, W)
     rows, dense_gmacs = [], None
     bar = tqdm(plan, disable=not progress)
     for setting in bar:
-        bar.set_description(f"{label} · token reduction · {METHODS[setting.method]} {setting.label}")
-        model = _build(vits[setting.model], setting)
+        bar.set_description(f"{label} · token reduction · {names[setting.method]} {setting.label}")
+        model = _build(models[setting.model], setting)
         preds = torch.cat([model(x).argmax(-1).cpu() for x in inputs.split(batch_size)])
         gmacs = mean_gmacs(model, inputs[:gmacs_images])
-        dense_gmacs = gmacs if dense_gmacs is None else dense_gmacs  # the first setting is the dense ViT
+        dense_gmacs = gmacs if dense_gmacs is None else dense_gmacs
         rows.append({
             "method": setting.method,
             "setting": setting.label,
@@ -161,5 +191,21 @@ def measure_reduction(vits: dict[str, nn.Module], label: str, limit: int, budget
             "gmacs": gmacs,
             "gmacs_ratio": gmacs / dense_gmacs,
         })
-    return {"first_ats_block": first_ats_block(len(vit.blocks)), "depth": len(vit.blocks),
+    depth = len(first.blocks)
+    return {"first_ats_block": first_ats_block(depth), "depth": depth,
             "gmacs_images": min(gmacs_images, len(labels)), "images": len(labels), "rows": rows}
+
+
+def measure_reduction(vits: dict[str, nn.Module], label: str, limit: int, budgets: Sequence[Budget], batch_size: int,
+                      gmacs_images: int, quick: bool, progress: bool) -> dict:
+    """The ViT's sweep (:func:`settings`); ``vits`` holds "vit" and, optionally, "vit_ats" (the fine-tuned ViT)."""
+    vit = vits["vit"]
+    plan = settings(len(vit.blocks), vit.patch_embed.num_patches, budgets, "vit_ats" in vits, quick)
+    return _sweep(vits, plan, METHODS, label, limit, batch_size, gmacs_images, progress)
+
+
+def measure_fan_reduction(fan: nn.Module, label: str, limit: int, budgets: Sequence[Budget], batch_size: int,
+                          gmacs_images: int, quick: bool, progress: bool) -> dict:
+    """The FAN's sweep (:func:`fan_settings`), on the same images as the ViT's."""
+    plan = fan_settings(len(fan.blocks), fan.patch_embed.num_patches, budgets, quick)
+    return _sweep({"fan": fan}, plan, FAN_METHODS, label, limit, batch_size, gmacs_images, progress)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ravit.study.reduction import METHODS
+from ravit.study.reduction import FAN_METHODS, METHODS
 
 __all__ = ["markdown"]
 
@@ -62,6 +62,14 @@ def _reduction(summary: dict) -> list[str]:
     for r in red["rows"]:
         lines.append(f"| {METHODS[r['method']]} | {r['setting']} | {_percent(r['accuracy'])} | {r['gmacs']:.4f} | "
                      f"{r['gmacs_ratio']:.3f} |")
+    fan = summary["token_reduction_fan"]
+    lines += ["", "## Token reduction on the FAN (ravit's ATS and ToMe on FAN; neither paper)", "",
+              f"ATS blocks {fan['first_ats_block']}–{fan['depth'] - 1}, tokens scored by the attention they receive "
+              f"x ‖V‖ (FAN blocks have no class token); same images.", "",
+              "| method | budget | accuracy | GMACs | GMACs / dense |", "|---|---|---|---|---|"]
+    for r in fan["rows"]:
+        lines.append(f"| {FAN_METHODS[r['method']]} | {r['setting']} | {_percent(r['accuracy'])} | "
+                     f"{r['gmacs']:.4f} | {r['gmacs_ratio']:.3f} |")
     return lines
 
 
