@@ -18,7 +18,7 @@ except FileNotFoundError as err:  # pragma: no cover - depends on the machine
 
 from ravit.cli import main  # noqa: E402
 from ravit.robustness.registry import BENCHMARK_CORRUPTIONS  # noqa: E402
-from ravit.study import DEFAULT_FAN, DEFAULT_VIT  # noqa: E402
+from ravit.study import DEFAULT_FAN, DEFAULT_VIT, DEFAULT_VIT_ATS  # noqa: E402
 from ravit.study.reduction import FAN_METHODS, METHODS  # noqa: E402
 
 SMALL = ["--limit", "24", "--corruption-images", "48", "--severities", "2", "--gmacs-images", "4",
@@ -39,7 +39,7 @@ def test_study_writes_every_result(tmp_path, capsys):
         assert (out / "robustness" / name / "robustness.csv").stat().st_size > 0
     assert summary["robustness"][VIT]["mce_vs_vit_15"] == pytest.approx(1.0)  # its own baseline
     rows = summary["token_reduction"]["rows"]
-    assert {r["method"] for r in rows} == set(METHODS) - {"ats_finetuned"}  # no fine-tuned ViT by default yet
+    assert {r["method"] for r in rows} == set(METHODS)  # the zoo's ATS-fine-tuned ViT-12 comes with the default ViT
     dense = next(r for r in rows if r["method"] == "dense")
     assert dense["gmacs_ratio"] == 1.0
     assert all(r["gmacs"] < dense["gmacs"] for r in rows if r["method"] != "dense")
@@ -180,3 +180,24 @@ def test_output_folder_that_cannot_be_replaced(tmp_path, capsys, monkeypatch):
         assert message in capsys.readouterr().err
     assert (mine / "notes.txt").read_text() == "keep me" and blocker.read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine"]
+
+
+@pytest.mark.parametrize("vit,expected", [(DEFAULT_VIT, DEFAULT_VIT_ATS), ("fmnist_deit_p4", None)])
+def test_auto_finetuned_vit_is_the_study_vits_own(tmp_path, monkeypatch, vit, expected):
+    """--finetuned auto takes the zoo's ATS-fine-tuned version of the study's ViT, and none for a ViT without one."""
+    import ravit.study
+
+    created, original = [], ravit.study.create_model
+
+    def create(name, pretrained):
+        created.append(name)
+        return original(name, pretrained=pretrained)
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(ravit.study, "create_model", create)
+    monkeypatch.setattr(ravit.study, "measure_robustness", lambda *a, **k: (_ for _ in ()).throw(Stop()))
+    with pytest.raises(Stop):
+        ravit.study.run_study(tmp_path / "s", vit=vit, progress=False)
+    assert created == [vit, DEFAULT_FAN] + ([expected] if expected else [])

@@ -41,8 +41,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("vit", metavar="VIT", nargs="?", default=DEFAULT_VIT, help="zoo name of the DeiT-style ViT")
     p.add_argument("fan", metavar="FAN", nargs="?", default=DEFAULT_FAN, help="zoo name of the FAN-ViT")
-    p.add_argument("--finetuned", metavar="NAME", default=DEFAULT_VIT_ATS,
-                   help=f"zoo name of the ViT fine-tuned with ATS (default {DEFAULT_VIT_ATS}; 'none' to leave out)")
+    p.add_argument("--finetuned", metavar="NAME", default="auto",
+                   help=f"zoo name of the ViT fine-tuned with ATS; 'auto' (default): the zoo's fine-tuned version of "
+                        f"VIT if it has one ({DEFAULT_VIT_ATS} for {DEFAULT_VIT}); 'none' to leave it out")
     add_output_argument(p, "study", "<VIT>_vs_<FAN>")
     p.add_argument("--quick", action="store_true", help="a smaller run of every part (about 2 minutes)")
     add_count_argument(p, "--limit", None, f"token reduction on the first N Fashion-MNIST test images "

@@ -46,11 +46,14 @@ from ravit.study.reduction import first_ats_block, measure_fan_reduction, measur
 from ravit.study.report import markdown
 from ravit.study.robustness import measure_robustness
 
-__all__ = ["DEFAULTS", "DEFAULT_FAN", "DEFAULT_VIT", "DEFAULT_VIT_ATS", "QUICK", "run_study"]
+__all__ = ["DEFAULTS", "DEFAULT_FAN", "DEFAULT_VIT", "DEFAULT_VIT_ATS", "FINETUNED", "QUICK", "run_study"]
 
 DEFAULT_VIT = "fmnist_deit12_p4"
 DEFAULT_FAN = "fmnist_fan_p4"
-DEFAULT_VIT_ATS = None  # the ViT fine-tuned with ATS in the loop, once the zoo ships it
+# The zoo's ViTs fine-tuned with ATS in the loop (claim 8), by the ViT they start from: vit_ats="auto" takes the one
+# of the study's ViT, or none.
+FINETUNED = {"fmnist_deit12_p4": "fmnist_deit12_p4_ats"}
+DEFAULT_VIT_ATS = FINETUNED[DEFAULT_VIT]
 
 # The study's scale: the default run and --quick. Any of them can be set on its own; the rest come from the preset.
 DEFAULTS = {"limit": 1000, "corruption_images": 500, "corruptions": tuple(BENCHMARK_CORRUPTIONS),
@@ -105,7 +108,7 @@ def run_study(
     out_dir: str | Path,
     vit: str = DEFAULT_VIT,
     fan: str = DEFAULT_FAN,
-    vit_ats: str | None = DEFAULT_VIT_ATS,
+    vit_ats: str | None = "auto",
     *,
     quick: bool = False,
     limit: int | None = None,
@@ -127,7 +130,8 @@ def run_study(
     5 severities), the grouping part on the first ``analysis_images``; both models always see the same images.
 
     ``vit`` is a zoo ViT with a class token (ATS and ToMe run on it; its errors normalise the mCE), ``fan`` a zoo
-    FAN, ``vit_ats`` the ViT fine-tuned with ATS in the loop (None: claim 8 is reported as not shown). Settings left
+    FAN, ``vit_ats`` the ViT fine-tuned with ATS in the loop ("auto": ``FINETUNED[vit]`` when the zoo has one; None:
+    claim 8 is reported as not shown). Settings left
     None come from ``QUICK`` when ``quick`` is set, else from ``DEFAULTS``. Every argument is checked before any
     image is read. ``out_dir`` is replaced as a whole when the study is done (it must be new, empty or a previous
     study's folder); until then the results grow in a hidden sibling folder, which a failure removes (and the next
@@ -145,7 +149,7 @@ def run_study(
     s["corruptions"], s["severities"] = _check_lists(s["corruptions"], s["severities"])
     if isinstance(noise_std, bool) or not isinstance(noise_std, numbers.Real) or not 0 <= noise_std < math.inf:
         raise InvalidArgumentError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
-    names = {"vit": vit, "fan": fan, "vit_ats": vit_ats}
+    names = {"vit": vit, "fan": fan, "vit_ats": FINETUNED.get(vit) if vit_ats == "auto" else vit_ats}
     if len({n for n in names.values() if n is not None}) < len([n for n in names.values() if n is not None]):
         raise InvalidArgumentError(f"the ViT, the FAN and the fine-tuned ViT must be different models, got {names}")
     out = Path(out_dir).resolve()
