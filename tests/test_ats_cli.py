@@ -45,6 +45,20 @@ def test_fashion_mnist_end_to_end(tmp_path, capsys):
     assert "accuracy: dense" in capsys.readouterr().out
 
 
+def test_zoo_fan_end_to_end(tmp_path):
+    """ATS on the zoo FAN (ravit.ats.fan) through the same command: kept tokens fall block after block, fewer GMACs."""
+    _fashion_mnist_or_skip()
+    out = tmp_path / "fan"
+    argv = ["ats", "fmnist_fan_p4", "--pretrained", "--data", "fashion-mnist", "--blocks", "1-3", "--budget", "0.8",
+            "--sampler", "topk", "--limit", "8", "--mask-images", "2", "--output", str(out)]
+    assert main(argv) == 0
+    record = json.loads((out / "ats.json").read_text())
+    assert 0 < record["gmacs"]["ats"]["mean"] < record["gmacs"]["dense"]
+    with open(out / "ats_images.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["blocks.1"], r["blocks.2"], r["blocks.3"]) for r in rows] == [("39", "31", "25")] * 8  # 0.8 of 49, ...
+
+
 def test_image_folder_into_the_default_output_folder(tmp_path, monkeypatch):
     root = tmp_path / "images"
     gen = torch.Generator().manual_seed(0)
