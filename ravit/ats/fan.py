@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ravit.ats.block import Tokens
 from ravit.ats.padded import _front, _gather, _key_bias
 from ravit.layers.channel_processing import ChannelProcessing, channel_attention_gate
 from ravit.layers.dwconv import map_to_tokens, tokens_to_map
@@ -43,7 +42,7 @@ from ravit.models.fan import FAN
 
 __all__ = [
     "GridSlots", "channel_forward", "class_attention", "dense_slots", "fan_check", "mixing_forward",
-    "received_attention_scores", "to_tokens",
+    "received_attention_scores",
 ]
 
 Keep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -53,9 +52,10 @@ class GridSlots(NamedTuple):
     """Per-call token state between FAN blocks (never stored on a module).
 
     x: (B, L, C) tokens; empty slots hold finite values that nothing reads.
-    size: (B, L) float, grid positions each slot holds; 0 marks an empty slot.
+    size: (B, L) float, the tokens each slot stands for (1; more once fused or merged, the weight of proportional
+        attention); 0 marks an empty slot.
     ids: (B, L) int64 grid index of each slot's own token (-1 for an empty slot).
-    owner: (B, G) int64 slot holding each of the G grid positions.
+    owner: (B, G) int64 slot holding each of the G grid positions (for the depthwise convs).
     """
 
     x: torch.Tensor
@@ -69,12 +69,6 @@ def dense_slots(x: torch.Tensor) -> GridSlots:
     B, G, _ = x.shape
     ids = torch.arange(G, device=x.device).expand(B, G)
     return GridSlots(x, x.new_ones(B, G, dtype=torch.float32), ids, ids)
-
-
-def to_tokens(slots: GridSlots) -> Tokens:
-    """The filled slots as ragged :class:`~ravit.ats.block.Tokens` (for ``ravit.ats.trace``)."""
-    filled = slots.size > 0  # (B, L)
-    return Tokens(slots.x[filled], filled.sum(dim=1), slots.ids[filled], slots.x.shape[1])
 
 
 def fan_check(model: nn.Module, first: int) -> str | None:

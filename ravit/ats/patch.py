@@ -20,7 +20,6 @@ from ravit._plugin import TokenReducer, attach, detach
 from ravit.ats.block import Tokens, block_forward, unpack
 from ravit.ats.config import ATSConfig, Budget, Sampler
 from ravit.ats.fan import channel_forward, class_attention, dense_slots, fan_check, mixing_forward
-from ravit.ats.fan import to_tokens as fan_tokens
 from ravit.ats.hosts import HOSTS, Host, host_of
 from ravit.ats.padded import Slots, padded_block_forward, to_tokens
 from ravit.ats.sampling import samples_per_image, static_sampler
@@ -203,7 +202,7 @@ def _fan_features(model: FAN, images: torch.Tensor, record: list[Tokens] | None)
                                   value_norm=cfg.score == "attention_value", fuse=fused)
         slots = channel_forward(model.blocks[i], slots, hw, proportional=fused)
         if record is not None and keep_fn is not None:
-            record.append(fan_tokens(slots))
+            record.append(to_tokens(slots))  # GridSlots has the fields it reads (x, size, ids)
     return class_attention(model, slots, proportional=fused)
 
 
