@@ -16,7 +16,9 @@ Methods (ATS: Fayyaz et al., ECCV 2022; ToMe: Bolya et al., ICLR 2023; options i
 - ``ats-linear``: inverse transform, ``schedule="linear"`` (setting "first-last:K": ATS blocks, tokens left at the end);
 - ``ats-fused`` / ``ats-topk-fused``: ``schedule="linear"`` and ``fuse="nearest"``, for three placements of the
   first ATS block (one before the paper's, the paper's, one after); ``ats-topk-fused`` also from block 0 with a
-  light first cut (explicit per-block budgets, setting "0-last:K0/K1/...").
+  light first cut (explicit per-block budgets, setting "0-last:K0/K1/...");
+- ``ats-fused-sqrt``: ``ats-fused`` with ``score_power=0.5`` (inverse transform on the square root of the scores: a
+  flatter CDF, more distinct tokens per sample).
 
 ``speed`` times dense and, for each method, the setting whose GMACs ratio is nearest each ``--targets`` value
 (found on ``--probe`` images), interleaved call by call on the same batch, and prints images/s, the speed-up, the
@@ -113,6 +115,8 @@ def _all_methods(model: torch.nn.Module) -> Iterator[Method]:
                 yield Method(name, f"{start}-{depth - 1}:{k}", lambda m, s=start, k=k, sp=sampler: apply_ats(
                     m, blocks=range(s, depth), budget=k, sampler=sp, schedule="linear", fuse="nearest",
                     static=sp == "topk"))
+            yield Method("ats-fused-sqrt", f"{start}-{depth - 1}:{k}", lambda m, s=start, k=k: apply_ats(
+                m, blocks=range(s, depth), budget=k, schedule="linear", fuse="nearest", score_power=0.5))
 
 
 def _zoo_or_timm(name: str) -> tuple[torch.nn.Module, bool]:

@@ -84,6 +84,8 @@ def test_image_folder_into_the_default_output_folder(tmp_path, monkeypatch):
         (["--budget", "0"], "out of range"),
         (["--budget", "lots"], "--budget: a budget is"),
         (["--blocks", "x-y"], "--blocks: expected block indices"),
+        (["--score-power", "0"], "--score-power: must be finite and > 0"),
+        (["--score-power", "0.5", "--sampler", "topk", "--blocks", "1-3"], "does nothing with sampler='topk'"),
         (["--model-kwargs", "class_token=False", "global_pool=avg"], "ATS supports timm VisionTransformer"),
     ],
 )

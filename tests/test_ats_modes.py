@@ -669,3 +669,57 @@ def test_attention_score_keeps_other_tokens_and_stays_batch_independent(images, 
 def test_unknown_score_is_refused(score):
     with pytest.raises(InvalidArgumentError, match="unknown score"):
         apply_ats(peaky_vit(), blocks=BLOCKS, budget=12, score=score)
+
+
+def _sqrt_inverse_transform(scores, valid, n_samples):
+    return ravit.ats.inverse_transform_sampling(scores.clamp(min=0) ** 0.5, valid, n_samples)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(budget=None),  # the ragged path
+    dict(budget=12, schedule="linear", fuse="nearest"),  # the padded path
+    dict(budget=[30, 20, 10], static=True),  # static shapes
+])
+def test_score_power_feeds_the_sampler_score_to_the_power(kwargs):
+    """score_power=0.5 on every path equals inverse transform sampling of sqrt(scores), and keeps other tokens than
+    the paper's power 1."""
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    powered = trace(apply_ats(peaky_vit(), blocks=BLOCKS, score_power=0.5, **kwargs), images, count_gmacs=False)
+    by_hand = trace(apply_ats(peaky_vit(), blocks=BLOCKS, sampler=_sqrt_inverse_transform, **kwargs), images,
+                    count_gmacs=False)
+    paper = trace(apply_ats(peaky_vit(), blocks=BLOCKS, **kwargs), images, count_gmacs=False)
+    assert torch.equal(powered.kept_tokens, by_hand.kept_tokens)
+    torch.testing.assert_close(powered.logits, by_hand.logits, atol=1e-6, rtol=0)
+    assert any(not torch.equal(a, b) for s in range(len(BLOCKS))
+               for a, b in zip(powered.kept_indices[s], paper.kept_indices[s], strict=True))
+
+
+def test_score_power_on_fan_equals_the_powered_sampler():
+    import timm
+    from ats_helpers import sharpen
+
+    def fan():
+        torch.manual_seed(0)
+        return sharpen(timm.create_model("fan_tiny_12_p16_224", img_size=64, patch_size=8, embed_dim=32, depth=4,
+                                         num_heads=2, num_classes=5))
+
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    powered = trace(apply_ats(fan(), blocks=[1, 2, 3], score_power=0.5), images, count_gmacs=False)
+    by_hand = trace(apply_ats(fan(), blocks=[1, 2, 3], sampler=_sqrt_inverse_transform), images, count_gmacs=False)
+    assert torch.equal(powered.kept_tokens, by_hand.kept_tokens)
+    torch.testing.assert_close(powered.logits, by_hand.logits, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("power,message", [
+    (0, "score_power must be a finite number > 0"), (-1.0, "> 0"), (float("nan"), "> 0"), (float("inf"), "> 0"),
+    (True, "score_power must be"), ("0.5", "score_power must be"),
+])
+def test_bad_score_power(power, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        apply_ats(peaky_vit(), blocks=BLOCKS, score_power=power)
+
+
+def test_score_power_with_topk_is_refused():
+    with pytest.raises(InvalidArgumentError, match="does nothing with sampler='topk'"):
+        apply_ats(peaky_vit(), blocks=BLOCKS, budget=0.5, sampler="topk", score_power=0.5)
+    assert apply_ats(peaky_vit(), blocks=BLOCKS, budget=0.5, sampler="topk", score_power=1).ats_config.score_power == 1

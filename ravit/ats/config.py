@@ -15,6 +15,9 @@ paper's algorithm):
 - ``fuse="nearest"``: a dropped token is not lost but averaged into its most similar kept token (cosine similarity
   of the attention keys averaged over heads, weighted by how many tokens each already holds, EViT/ToMe-style), and
   later blocks use proportional attention (each key's logit + log of its token count, ToMe Sec. 3).
+- ``score_power=p``: the sampler sees score^p. 1 is the paper's; p < 1 flattens the scores' CDF, so the K points of
+  inverse transform sampling land on more distinct tokens (fewer merge as duplicates) and cover more of the image.
+  Top-K's order does not change with p, so Top-K refuses p != 1.
 - ``static=True``: every image leaves an ATS block in exactly K slots (kept tokens first, empty slots masked out
   of attention), so tensor shapes depend only on the budget and the model exports (``torch.export``, ONNX,
   ``torch.compile(fullgraph=True)``). Needs int budgets (or ``schedule="linear"``, which resolves to ints).
@@ -132,6 +135,7 @@ class ATSConfig:
     fuse: str = "none"
     static: bool = False
     score: str = "attention_value"
+    score_power: float = 1.0
 
     @property
     def padded(self) -> bool:
@@ -150,6 +154,7 @@ class ATSConfig:
         fuse: str = "none",
         static: bool = False,
         score: str = "attention_value",
+        score_power: float = 1.0,
     ) -> ATSConfig:
         """Validate user arguments against a model of ``depth`` blocks and ``num_patches`` patch tokens."""
         try:
@@ -192,6 +197,13 @@ class ATSConfig:
                 f"budgets {[v for _, v in pairs]}: give int counts, or a ratio with schedule='linear' (a fraction "
                 f"of the original patch tokens)")
 
+        if isinstance(score_power, bool) or not isinstance(score_power, numbers.Real) or not (
+                0 < float(score_power) < math.inf):
+            raise InvalidArgumentError(f"score_power must be a finite number > 0, got {score_power!r}")
+        if sampler == "topk" and float(score_power) != 1.0:
+            raise InvalidArgumentError(
+                f"score_power={score_power} does nothing with sampler='topk' (a power keeps the scores' order); use "
+                f"it with inverse_transform sampling")
         if isinstance(sampler, str):
             if sampler not in SAMPLERS:
                 raise InvalidArgumentError(
@@ -199,11 +211,22 @@ class ATSConfig:
         elif not callable(sampler):
             raise InvalidArgumentError(f"sampler must be a name {sorted(SAMPLERS)} or a callable, got {sampler!r}")
         return cls(blocks=tuple(b for b, _ in pairs), budgets=tuple(v for _, v in pairs), sampler=sampler,
-                   schedule=schedule, fuse=fuse, static=static, score=score)
+                   schedule=schedule, fuse=fuse, static=static, score=score, score_power=float(score_power))
+
+    def with_power(self, keep: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``keep(scores, valid)`` fed score^``score_power`` (``keep`` itself at the paper's power 1)."""
+        if self.score_power == 1.0:
+            return keep
+        return functools.partial(_powered, keep, self.score_power)
 
     def sampler_fn(self) -> Sampler:
         """The sampler to call; a user's callable comes wrapped in a check of what it returns."""
         return SAMPLERS[self.sampler] if isinstance(self.sampler, str) else functools.partial(_checked, self.sampler)
+
+
+def _powered(keep, power: float, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return keep(scores.clamp(min=0) ** power, valid)  # (B, N) scores are >= 0; clamp guards -0.0
 
 
 def _checked(sampler: Sampler, scores: torch.Tensor, valid: torch.Tensor, n_samples: torch.Tensor) -> torch.Tensor:

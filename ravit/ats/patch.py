@@ -140,7 +140,7 @@ def ats_forward_features(
     for i in range(cfg.blocks[0], len(model.blocks)):
         select = None
         if i in budgets:
-            select = functools.partial(_select, sampler=sampler, budget=budgets[i], n_ref=N - P)
+            select = cfg.with_power(functools.partial(_select, sampler=sampler, budget=budgets[i], n_ref=N - P))
         if use_checkpoint:
             tokens = checkpoint(block_forward, model.blocks[i], tokens, P, select, value_norm, use_reentrant=False)
         else:
@@ -170,6 +170,7 @@ def _padded_features(model: nn.Module, host: Host, x: torch.Tensor, positions: o
                 keep_fn = static_sampler(sampler, budgets[i])  # K as given; width only caps the slots
             else:
                 keep_fn = functools.partial(_select, sampler=sampler, budget=budgets[i], n_ref=N - P)
+            keep_fn = cfg.with_power(keep_fn)
         ops = host.block_ops(model, i, positions)
         args = (model.blocks[i], slots, P, cfg.fuse != "none", keep_fn, width, cfg.fuse != "none", ops,
                 cfg.score == "attention_value")
@@ -198,6 +199,7 @@ def _fan_features(model: FAN, images: torch.Tensor, record: list[Tokens] | None)
                 keep_fn = static_sampler(sampler, budgets[i])
             else:
                 keep_fn = functools.partial(_select, sampler=sampler, budget=budgets[i], n_ref=x.shape[1])
+            keep_fn = cfg.with_power(keep_fn)
         slots, _ = mixing_forward(model.blocks[i], slots, hw, keep_fn, width, proportional=fused,
                                   value_norm=cfg.score == "attention_value", fuse=fused)
         slots = channel_forward(model.blocks[i], slots, hw, proportional=fused)
@@ -216,6 +218,7 @@ def apply_ats(
     fuse: str = "none",
     static: bool = False,
     score: str = "attention_value",
+    score_power: float = 1.0,
 ) -> nn.Module:
     """Patch a timm ViT, Eva or Beit in place with Adaptive Token Sampling and return it.
 
@@ -238,6 +241,9 @@ def apply_ats(
             and the model exports with ``torch.export`` / ONNX / ``torch.compile(fullgraph=True)``.
         score: "attention_value" (the paper's: class attention x value norm, Eq. 3) or "attention" (the class
             attention alone, the ablation of Sec. 4.3).
+        score_power: the sampler sees score^p; 1 (the paper's), or p < 1 to flatten the scores so inverse transform
+            sampling keeps more distinct tokens per sample (ravit's option; refused with Top-K, where it changes
+            nothing).
 
     Returns:
         ``model``, whose forward returns what it returned before (logits), computed on the kept tokens.
@@ -245,7 +251,7 @@ def apply_ats(
     _check_host(model)
     config = ATSConfig.build(
         blocks, budget, sampler, depth=len(model.blocks), num_patches=_num_patches(model.patch_embed),
-        schedule=schedule, fuse=fuse, static=static, score=score,
+        schedule=schedule, fuse=fuse, static=static, score=score, score_power=score_power,
     )
     _check_blocks(model, config.blocks[0])
     return attach(model, _ATSModel, "ats_config", config)

@@ -334,3 +334,11 @@ def output_dir(args, command: str, name: str) -> Path:
 
     path = Path(args.output) if args.output else Path("runs") / command / name.replace("/", "_").replace(":", "_")
     return check_output_dir(path, "output folder")
+
+
+def positive(text: str) -> float:
+    """A finite number > 0."""
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise ValueError(f"must be finite and > 0, got {text!r}")
+    return value

@@ -2,7 +2,7 @@
 
     ravit ats MODEL [--data NAME_OR_FOLDER] [--checkpoint PATH | --pretrained] --blocks 3-11 --budget none|K|RATIO
               [--sampler inverse_transform|topk] [--schedule each|linear] [--fuse none|nearest] [--static]
-              [--score attention_value|attention]
+              [--score attention_value|attention] [--score-power P]
 
 MODEL is any ravit / timm model name (``--model-kwargs`` for its arguments, ``--pretrained`` for shipped weights,
 ``--checkpoint`` for a file). ``--data`` is ``fashion-mnist`` or an image folder (``<folder>/<class>/<image>`` or
@@ -26,11 +26,13 @@ from ravit.cli._args import (
     add_list_argument,
     add_model_arguments,
     add_output_argument,
+    add_value_argument,
     block_indices,
     budget,
     build_model,
     model_input,
     output_dir,
+    positive,
     resolve_device,
 )
 
@@ -64,6 +66,9 @@ def register(subparsers) -> None:
     p.add_argument("--score", default="attention_value", choices=["attention_value", "attention"],
                    help="attention_value (the paper's: class attention x value norm) or attention (class attention "
                    "alone, the ablation)")
+    add_value_argument(p, "--score-power", positive, "the sampler sees score^P: 1 (the paper's) or below 1 to "
+                       "flatten the scores, so inverse transform sampling keeps more distinct tokens (ravit's "
+                       "option; not with --sampler topk)", default=1.0, metavar="P")
     add_count_argument(p, "--limit", None, "use only the first N images")
     add_count_argument(p, "--batch-size", 64, "images per batch")
     add_count_argument(p, "--workers", 0, "data loader workers", least=0)
@@ -90,7 +95,8 @@ def run(args) -> int:
     from ravit.data import open_data
 
     blocks, per_block = args.blocks, args.budget[0] if len(args.budget) == 1 else args.budget
-    options = dict(sampler=args.sampler, schedule=args.schedule, fuse=args.fuse, static=args.static, score=args.score)
+    options = dict(sampler=args.sampler, schedule=args.schedule, fuse=args.fuse, static=args.static, score=args.score,
+                   score_power=args.score_power)
     device = resolve_device(args.device)
     out = output_dir(args, "ats", args.model)
     model = build_model(args).to(device)
@@ -163,7 +169,7 @@ def run(args) -> int:
 
     print(f"{args.model} on {args.data} ({args.split}, {len(labels)} images), ATS blocks {config['blocks']}, "
           f"budget {per_block}, sampler {args.sampler}, schedule {args.schedule}, fuse {args.fuse}, "
-          f"score {args.score}"
+          f"score {args.score}{'' if args.score_power == 1 else f'^{args.score_power:g}'}"
           f"{', static' if args.static else ''}")
     print(f"  accuracy: dense {100 * acc_dense:.2f}%  ATS {100 * acc_ats:.2f}%")
     print(f"  GMACs/image: dense {dense_gmacs:.4f}  ATS mean {record['gmacs']['ats']['mean']:.4f} "
