@@ -17,8 +17,9 @@ Methods (ATS: Fayyaz et al., ECCV 2022; ToMe: Bolya et al., ICLR 2023; options i
 - ``ats-fused`` / ``ats-topk-fused``: ``schedule="linear"`` and ``fuse="nearest"``, for three placements of the
   first ATS block (one before the paper's, the paper's, one after); ``ats-topk-fused`` also from block 0 with a
   light first cut (explicit per-block budgets, setting "0-last:K0/K1/...");
-- ``ats-fused-sqrt``: ``ats-fused`` with ``score_power=0.5`` (inverse transform on the square root of the scores: a
-  flatter CDF, more distinct tokens per sample).
+- ``ats-fused-p0.5`` / ``-p0.25`` / ``-p0.1``: ``ats-fused`` with that ``score_power`` (inverse transform on
+  score^p: a flatter CDF, more distinct tokens per sample, so the same K costs more GMACs); these also start two
+  blocks before the paper's first ATS block, where a flat CDF still leaves enough tokens.
 
 ``speed`` times dense and, for each method, the setting whose GMACs ratio is nearest each ``--targets`` value
 (found on ``--probe`` images), interleaved call by call on the same batch, and prints images/s, the speed-up, the
@@ -68,6 +69,10 @@ class Method:
     apply: Callable[[torch.nn.Module], torch.nn.Module]
 
 
+# score_power values of the flattened inverse-transform families (1 is the paper's, in ``ats-fused``)
+POWERS = (0.5, 0.25, 0.1)
+
+
 def first_ats_block(depth: int) -> int:
     """The paper's first ATS block scaled to the depth: block 3 of DeiT-S's 12 (ATS Sec. 4), block 1 of 4."""
     return max(1, round(depth / 4))
@@ -115,8 +120,12 @@ def _all_methods(model: torch.nn.Module) -> Iterator[Method]:
                 yield Method(name, f"{start}-{depth - 1}:{k}", lambda m, s=start, k=k, sp=sampler: apply_ats(
                     m, blocks=range(s, depth), budget=k, sampler=sp, schedule="linear", fuse="nearest",
                     static=sp == "topk"))
-            yield Method("ats-fused-sqrt", f"{start}-{depth - 1}:{k}", lambda m, s=start, k=k: apply_ats(
-                m, blocks=range(s, depth), budget=k, schedule="linear", fuse="nearest", score_power=0.5))
+    for power in POWERS:
+        for start in sorted({max(0, first - 2), max(0, first - 1), first}):
+            for k in finals:
+                yield Method(f"ats-fused-p{power}", f"{start}-{depth - 1}:{k}", lambda m, s=start, k=k, p=power:
+                             apply_ats(m, blocks=range(s, depth), budget=k, schedule="linear", fuse="nearest",
+                                       score_power=p))
 
 
 def _zoo_or_timm(name: str) -> tuple[torch.nn.Module, bool]:
