@@ -11,12 +11,15 @@ Methods (``method`` in the rows; ATS blocks "first..last" are the paper's placem
 - ``random``: as ``ats``, keeping a random subset of the budget's size (Sec. 4.3's random baseline; seeded).
 - ``tome``: Token Merging (Bolya et al., ICLR 2023) with r merges per block, ravit's :mod:`ravit.tome`.
 - ``ats_fused_linear``: ravit's ATS options (:mod:`ravit.ats.config`): Top-K on the ATS scores, the count falling
-  linearly to the final budget, dropped tokens averaged into their nearest kept token (issue 10's best mode).
+  linearly to the final budget, dropped tokens averaged into their nearest kept token.
+- ``ats_flat_fused``: the same with inverse transform sampling on score^0.5 (``score_power=0.5``: a flatter CDF,
+  so the samples land on more distinct tokens): with fusion, the best mode of ``benchmarks/token_reduction.py`` on
+  the 12-block zoo models below 0.6x GMACs, where Top-K fused cannot go at the paper's placement.
 - ``ats_finetuned``: ``ats`` on the ViT fine-tuned with ATS in the loop (Sec. 4.2 b).
 
-The FAN gets its own sweep (:func:`measure_fan_reduction`, ``FAN_METHODS``): ``dense``, ``ats`` and
-``ats_fused_linear`` as above through :mod:`ravit.ats.fan` (tokens scored by the attention they receive, FAN blocks
-having no class token), and ``tome`` through :mod:`ravit.tome.fan`.
+The FAN gets its own sweep (:func:`measure_fan_reduction`, ``FAN_METHODS``): ``dense``, ``ats``,
+``ats_fused_linear`` and ``ats_flat_fused`` as above through :mod:`ravit.ats.fan` (tokens scored by the attention
+they receive, FAN blocks having no class token), and ``tome`` through :mod:`ravit.tome.fan`.
 
 GMACs are counted with ``FlopCounterMode`` on the first ``gmacs_images`` images and averaged. The ragged ATS path
 computes each image on its own tokens, so one counted forward of the batch gives the sum of the per-image counts
@@ -57,6 +60,7 @@ METHODS = {
     "random": "random tokens (multi-stage)",
     "tome": "ToMe",
     "ats_fused_linear": "ATS Top-K, fused, linear (ravit)",
+    "ats_flat_fused": "ATS on score^0.5, fused, linear (ravit)",
     "ats_finetuned": "ATS, fine-tuned ViT",
 }
 
@@ -66,6 +70,7 @@ FAN_METHODS = {
     "dense": "dense FAN",
     "ats": "ATS on FAN (multi-stage)",
     "ats_fused_linear": "ATS on FAN, Top-K fused linear (ravit)",
+    "ats_flat_fused": "ATS on FAN, score^0.5, fused linear (ravit)",
     "tome": "ToMe on FAN",
 }
 
@@ -128,6 +133,8 @@ def settings(depth: int, num_patches: int, budgets: Sequence[Budget], finetuned:
     out += [Setting("tome", f"r={r}", tome=r) for r in rs]
     out += [Setting("ats_fused_linear", f"→{b:g}", ats=dict(blocks=multi, budget=b, sampler="topk",
                                                              schedule="linear", fuse="nearest")) for b in fused]
+    out += [Setting("ats_flat_fused", f"→{b:g}", ats=dict(blocks=multi, budget=b, schedule="linear", fuse="nearest",
+                                                           score_power=0.5)) for b in fused]
     if finetuned:
         out += [Setting("ats_finetuned", _label(b), model="vit_ats", ats=dict(blocks=multi, budget=b))
                 for b in budgets]
@@ -135,8 +142,8 @@ def settings(depth: int, num_patches: int, budgets: Sequence[Budget], finetuned:
 
 
 def fan_settings(depth: int, num_patches: int, budgets: Sequence[Budget], quick: bool) -> list[Setting]:
-    """The FAN's sweep: ATS as the paper runs it (the ViT's budgets and placement), ATS Top-K fused with the linear
-    schedule, and ToMe, on the FAN (``model`` "fan")."""
+    """The FAN's sweep: ATS as the paper runs it (the ViT's budgets and placement), ATS Top-K and ATS on score^0.5
+    fused with the linear schedule, and ToMe, on the FAN (``model`` "fan")."""
     multi = list(range(first_ats_block(depth), depth))
     fused = (0.5, 0.05) if quick else (0.5, 0.25, 0.1, 0.02)
     rs = _tome_rs(depth, num_patches)
@@ -144,6 +151,8 @@ def fan_settings(depth: int, num_patches: int, budgets: Sequence[Budget], quick:
     out += [Setting("ats", _label(b), model="fan", ats=dict(blocks=multi, budget=b)) for b in budgets]
     out += [Setting("ats_fused_linear", f"→{b:g}", model="fan", ats=dict(
         blocks=multi, budget=b, sampler="topk", schedule="linear", fuse="nearest")) for b in fused]
+    out += [Setting("ats_flat_fused", f"→{b:g}", model="fan", ats=dict(
+        blocks=multi, budget=b, schedule="linear", fuse="nearest", score_power=0.5)) for b in fused]
     out += [Setting("tome", f"r={r}", model="fan", tome=r) for r in (rs[::2] if quick else rs)]
     return out
 
