@@ -22,9 +22,11 @@ Methods (ATS: Fayyaz et al., ECCV 2022; ToMe: Bolya et al., ICLR 2023; options i
   blocks before the paper's first ATS block, where a flat CDF still leaves enough tokens.
 
 ``speed`` times dense and, for each method, the setting whose GMACs ratio is nearest each ``--targets`` value
-(found on ``--probe`` images), interleaved call by call on the same batch, and prints images/s, the speed-up, the
-GMACs ratio and the speed-up over the GMACs gain; at batch 1 also each ATS setting's share of its zero-overhead
-ceiling (``benchmarks/ats_speed.py``: the same per-block token counts as free prefix slices, no selection).
+(found on ``--probe`` images), interleaved call by call on the same batch (with ``--tome-src DIR``, a clone of
+facebookresearch/ToMe, also the released ToMe at the same r as ravit's, ``tome-released``), and prints images/s,
+the speed-up, the GMACs ratio and the speed-up over the GMACs gain; at batch 1 also each ATS setting's share of its
+zero-overhead ceiling (``benchmarks/ats_speed.py``: the same per-block token counts as free prefix slices, no
+selection).
 ATS runs as ``static=True`` where the mode allows (fixed shapes, one batched attention call); ``ats`` and
 ``ats-linear`` (inverse transform, adaptive counts) run on their ragged path.
 A zoo name runs on Fashion-MNIST test images, any other timm name on random weights and images.
@@ -278,6 +280,23 @@ def _time(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def released_tome(src: str) -> Callable[[torch.nn.Module, int], torch.nn.Module]:
+    """``apply(model, r)`` of the released ToMe (facebookresearch/ToMe's ``tome.patch.timm``), imported from the
+    folder ``src`` the user gives (never part of this repository). A plain-Python patch of the timm model in the
+    user's own process is how the release is used, so it is timed that way, interleaved with the other methods."""
+    folder = Path(src).expanduser()
+    if not (folder / "tome" / "patch").is_dir():
+        raise InvalidArgumentError(f"--tome-src {src}: no tome/patch/ package there (a clone of facebookresearch/ToMe)")
+    sys.path.insert(0, str(folder))
+    import tome
+
+    def apply(model: torch.nn.Module, r: int) -> torch.nn.Module:
+        tome.patch.timm(model)
+        model.r = r
+        return model
+    return apply
+
+
 def speed(args: argparse.Namespace) -> None:
     model, zoo = _zoo_or_timm(args.model)
     size = ModelInput.from_model(model)
@@ -285,6 +304,11 @@ def speed(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(0)
     probe = _test_images(model, args.probe)[0] if zoo else torch.randn(args.probe, *shape, generator=gen)
     chosen = _nearest(model, probe, args.targets)
+    if args.tome_src:  # the released ToMe at the r of ravit's (same merges, so the same GMACs), timed beside it
+        apply = released_tome(args.tome_src)
+        chosen += [(t, Method("tome-released", m.setting, lambda net, r=m.setting: apply(net, r)), ratio)
+                   for t, m, ratio in chosen if m.method == "tome"]
+        chosen.sort(key=lambda c: -c[0])
     print(f"{args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads; {args.runs} interleaved "
           f"timed calls per method after one warm-up, medians")
     results = []
@@ -343,6 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     spd.add_argument("--probe", type=int, default=4, help="images on which settings are matched to the targets")
     spd.add_argument("--runs", type=int, default=5)
     spd.add_argument("--json", default=None)
+    spd.add_argument("--tome-src", default=None,
+                     help="a clone of facebookresearch/ToMe: also time the released ToMe at ravit ToMe's r")
     for p in (acc, spd):
         p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
