@@ -151,6 +151,15 @@ def ats_forward_features(
     return x
 
 
+def _block_keep(cfg: ATSConfig, sampler, budget, n_ref: int, free_slots: int):
+    """One padded ATS block's ``keep_fn(scores, valid)`` (fed score^``score_power``) and slot width: with
+    ``static``, K as given and a width of K capped by the ``free_slots`` left; otherwise the adaptive selection
+    against ``n_ref`` original patch tokens and the batch's largest kept count (width None)."""
+    if cfg.static:
+        return cfg.with_power(static_sampler(sampler, budget)), min(budget, free_slots)
+    return cfg.with_power(functools.partial(_select, sampler=sampler, budget=budget, n_ref=n_ref)), None
+
+
 def _padded_features(model: nn.Module, host: Host, x: torch.Tensor, positions: object, record: list[Tokens] | None,
                      use_checkpoint: bool) -> torch.Tensor:
     """The blocks from the first ATS block on, on padded slots (:mod:`ravit.ats.padded`): ``static``, ``fuse``, or
@@ -165,12 +174,7 @@ def _padded_features(model: nn.Module, host: Host, x: torch.Tensor, positions: o
     for i in range(cfg.blocks[0], len(model.blocks)):
         keep_fn, width = None, None
         if i in budgets:
-            if cfg.static:
-                width = min(budgets[i], slots.x.shape[1] - P)
-                keep_fn = static_sampler(sampler, budgets[i])  # K as given; width only caps the slots
-            else:
-                keep_fn = functools.partial(_select, sampler=sampler, budget=budgets[i], n_ref=N - P)
-            keep_fn = cfg.with_power(keep_fn)
+            keep_fn, width = _block_keep(cfg, sampler, budgets[i], N - P, slots.x.shape[1] - P)
         ops = host.block_ops(model, i, positions)
         args = (model.blocks[i], slots, P, cfg.fuse != "none", keep_fn, width, cfg.fuse != "none", ops,
                 cfg.score == "attention_value")
@@ -194,12 +198,7 @@ def _fan_features(model: FAN, images: torch.Tensor, record: list[Tokens] | None)
     for i in range(cfg.blocks[0], len(model.blocks)):
         keep_fn, width = None, None
         if i in budgets:
-            if cfg.static:
-                width = min(budgets[i], slots.x.shape[1])
-                keep_fn = static_sampler(sampler, budgets[i])
-            else:
-                keep_fn = functools.partial(_select, sampler=sampler, budget=budgets[i], n_ref=x.shape[1])
-            keep_fn = cfg.with_power(keep_fn)
+            keep_fn, width = _block_keep(cfg, sampler, budgets[i], x.shape[1], slots.x.shape[1])
         slots, _ = mixing_forward(model.blocks[i], slots, hw, keep_fn, width, proportional=fused,
                                   value_norm=cfg.score == "attention_value", fuse=fused)
         slots = channel_forward(model.blocks[i], slots, hw, proportional=fused)
