@@ -81,14 +81,30 @@ def _scores(q_cls: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.T
     return attn * torch.linalg.vector_norm(v.transpose(1, 2).reshape(B, L, H * D).float(), dim=-1)
 
 
-def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``index`` (B, L') of ``t`` (B, L, ...) along dim 1."""
-    return t.gather(1, index.view(*index.shape, *([1] * (t.ndim - 2))).expand(-1, -1, *t.shape[2:]))
+def _gather(t: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Entries ``index`` (B, L') of ``t`` (B, ..., L, ...) along ``dim``, whole trailing rows each.
+
+    Whole rows go through ``index_select`` (measured ~10x faster on CPU than ``gather`` with an index expanded over
+    the row, which reads one index per element): directly for one image, on the flattened (B·L, ...) tensor along
+    dim 1; ``gather`` only for other dims of a batch.
+    """
+    B, width = index.shape
+    if B == 1:
+        return t.index_select(dim, index[0])
+    if dim == 1:
+        rows = (index + torch.arange(B, device=index.device)[:, None] * t.shape[1]).flatten()  # (B·L',)
+        return t.flatten(0, 1).index_select(0, rows).view(B, width, *t.shape[2:])
+    index = index.view(B, *([1] * (dim - 1)), width, *([1] * (t.ndim - dim - 1)))
+    return t.gather(dim, index.expand(*t.shape[:dim], width, *t.shape[dim + 1:]))
 
 
 def _front(keep: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Slot order putting each row's kept entries first, in input order: (B, width) indices and their fill mask."""
     n = keep.shape[1]
+    if keep.shape[0] == 1 and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):  # one image, filling
+        order = keep[0].nonzero().view(1, -1)  # (1, K')
+        if order.shape[1] == width:
+            return order, keep.new_ones(1, width)
     rank = torch.arange(n, device=keep.device).expand_as(keep) + (~keep).long() * n  # kept: index; others: after
     order = rank.topk(width, dim=1, largest=False, sorted=True).indices  # (B, width)
     return order, keep.gather(1, order)
@@ -106,9 +122,12 @@ def _fuse(x_kept: torch.Tensor, size_kept: torch.Tensor, x_in: torch.Tensor, w_i
         sim = metric_in @ metric_kept.transpose(1, 2)  # (B, N, L')
         absorbs = F.pad(size_kept[:, num_prefix:] > 0, (num_prefix, 0), value=False)  # (B, L')
         target = sim.masked_fill(~absorbs[:, None, :], float("-inf")).argmax(dim=-1)  # (B, N)
-    C = x_kept.shape[-1]
-    total = (x_kept * size_kept[..., None]).scatter_add(
-        1, target[..., None].expand(-1, -1, C), x_in * w_in[..., None].to(x_in.dtype))  # (B, L', C)
+    B, width, C = x_kept.shape
+    # (B·N,) the flat kept slot of each input token: image b's slots start at row b·L'
+    rows = target[0] if B == 1 else (target + torch.arange(B, device=target.device)[:, None] * width).flatten()
+    total = (x_kept * size_kept[..., None]).reshape(B * width, C)  # (B·L', C), this call's own buffer
+    # index_add_ on whole rows, not scatter_add with a row-expanded index (~3x slower on CPU here)
+    total = total.index_add_(0, rows, (x_in * w_in[..., None].to(x_in.dtype)).flatten(0, 1)).view(B, width, C)
     size = size_kept.scatter_add(1, target, w_in)  # (B, L')
     return total / size.clamp(min=1e-12)[..., None].to(total.dtype), size
 
@@ -152,7 +171,7 @@ def padded_block_forward(block: nn.Module, slots: Slots, num_prefix: int, propor
             order, filled = _front(keep, width)  # (B, width) each
             prefix = torch.arange(P, device=x.device).expand(B, P)
             index = torch.cat([prefix, order + P], dim=1)  # (B, P + width)
-        q = q.gather(2, index[:, None, :, None].expand(-1, H, -1, D))  # (B, H, P + width, D)
+        q = _gather(q, index, dim=2)  # (B, H, P + width, D)
         if getattr(attn, "gate", None) is not None:  # only a gated attention reads the kept tokens' h
             h = _gather(h, index)
         x, ids = _gather(x, index), _gather(ids, index)

@@ -102,7 +102,7 @@ def inverse_transform_sampling(
     K = 1 samples y = 1, the top token (linspace would put its single point at the grid start).
     """
     B = scores.shape[0]
-    if B and bool(valid.all()) and bool((n_samples == n_samples[0]).all()):
+    if B and bool(valid.all()) and (B == 1 or bool((n_samples == n_samples[0]).all())):
         return _sample_full_rows(scores, int(n_samples[0]))
     return _sample_masked(scores, valid, n_samples, int(n_samples.max()) if B else 1)
 
