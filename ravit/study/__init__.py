@@ -49,7 +49,7 @@ from ravit.study.robustness import measure_robustness
 __all__ = ["DEFAULTS", "DEFAULT_FAN", "DEFAULT_VIT", "DEFAULT_VIT_ATS", "FINETUNED", "QUICK", "run_study"]
 
 DEFAULT_VIT = "fmnist_deit12_p4"
-DEFAULT_FAN = "fmnist_fan_p4"
+DEFAULT_FAN = "fmnist_fan12_p4"
 # The zoo's ViTs fine-tuned with ATS in the loop (claim 8), by the ViT they start from: vit_ats="auto" takes the one
 # of the study's ViT, or none.
 FINETUNED = {"fmnist_deit12_p4": "fmnist_deit12_p4_ats"}
