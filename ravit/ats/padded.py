@@ -81,6 +81,14 @@ def _scores(q_cls: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.T
     return attn * torch.linalg.vector_norm(v.transpose(1, 2).reshape(B, L, H * D).float(), dim=-1)
 
 
+def _flat_rows(index: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, L') per-image row indices into (B, length, ...) -> (B·L',) row indices into the flattened (B·length, ...);
+    for one image the row indices themselves."""
+    if index.shape[0] == 1:
+        return index[0]
+    return (index + torch.arange(index.shape[0], device=index.device)[:, None] * length).flatten()
+
+
 def _gather(t: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Entries ``index`` (B, L') of ``t`` (B, ..., L, ...) along ``dim``, whole trailing rows each.
 
@@ -92,8 +100,7 @@ def _gather(t: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
     if B == 1:
         return t.index_select(dim, index[0])
     if dim == 1:
-        rows = (index + torch.arange(B, device=index.device)[:, None] * t.shape[1]).flatten()  # (B·L',)
-        return t.flatten(0, 1).index_select(0, rows).view(B, width, *t.shape[2:])
+        return t.flatten(0, 1).index_select(0, _flat_rows(index, t.shape[1])).view(B, width, *t.shape[2:])
     index = index.view(B, *([1] * (dim - 1)), width, *([1] * (t.ndim - dim - 1)))
     return t.gather(dim, index.expand(*t.shape[:dim], width, *t.shape[dim + 1:]))
 
@@ -123,8 +130,7 @@ def _fuse(x_kept: torch.Tensor, size_kept: torch.Tensor, x_in: torch.Tensor, w_i
         absorbs = F.pad(size_kept[:, num_prefix:] > 0, (num_prefix, 0), value=False)  # (B, L')
         target = sim.masked_fill(~absorbs[:, None, :], float("-inf")).argmax(dim=-1)  # (B, N)
     B, width, C = x_kept.shape
-    # (B·N,) the flat kept slot of each input token: image b's slots start at row b·L'
-    rows = target[0] if B == 1 else (target + torch.arange(B, device=target.device)[:, None] * width).flatten()
+    rows = _flat_rows(target, width)  # (B·N,) the flat kept slot of each input token
     total = (x_kept * size_kept[..., None]).reshape(B * width, C)  # (B·L', C), this call's own buffer
     # index_add_ on whole rows, not scatter_add with a row-expanded index (~3x slower on CPU here)
     total = total.index_add_(0, rows, (x_in * w_in[..., None].to(x_in.dtype)).flatten(0, 1)).view(B, width, C)
