@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import ravit
+from ravit.layers import cpu_inference
 from ravit.layers.cpu_inference import fast_inference
 
 FUSED_OP = "mkldnn::_convolution_pointwise"
@@ -42,14 +43,19 @@ def _ops(fn) -> set[str]:
     return {event.name for event in prof.events()}
 
 
+@pytest.mark.parametrize("mkl_max_macs", [0, 2**40], ids=["onednn-linears", "mkl-linears"])
 @pytest.mark.parametrize(("name", "kwargs"), CASES, ids=lambda v: str(v))
-def test_fused_path_equals_reference(name, kwargs):
+def test_fused_path_equals_reference(name, kwargs, mkl_max_macs, monkeypatch):
+    """Both routes of the fused linears (oneDNN above the size threshold, MKL's addmm below) give the reference."""
+    monkeypatch.setattr(cpu_inference, "_MKL_MAX_MACS", mkl_max_macs)
     model = _model(name, kwargs)
     images = torch.randn(3, 3, 64, 64) if name != "test_fan_swin" else torch.randn(3, 3, 224, 224)
     reference = model(images).detach()  # autograd on: the reference modules
     with torch.inference_mode():
         fused = model(images)
-        assert {FUSED_OP, FUSED_LINEAR} <= _ops(lambda: model(images))
+        ops = _ops(lambda: model(images))
+        assert FUSED_OP in ops
+        assert (FUSED_LINEAR in ops) == (mkl_max_macs == 0)
     assert not {FUSED_OP, FUSED_LINEAR} & _ops(lambda: model(images))
     torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
     with torch.no_grad():
@@ -165,3 +171,24 @@ def test_robustness_bf16_runs_the_model_only_in_bf16():
     for c in ("fog", "gaussian_noise"):
         low, full = runs[True].counts[c][3][0], runs[False].counts[c][3][0]
         assert abs(low - full) <= 3
+
+
+def test_dwconv_accumulates_into_residual():
+    """DWConv's fused path adds its output into the residual buffer it is given (the documented contract that lets
+    DWConvMlp skip a fresh allocation) and equals the reference; a non-contiguous residual takes the copying route."""
+    torch.manual_seed(0)
+    dwconv = ravit.layers.DWConv(16).eval()
+    with torch.no_grad():
+        dwconv.bn.running_var.uniform_(0.5, 2.0)
+        dwconv.bn.running_mean.normal_(0, 0.5)
+    x, residual, scale = torch.randn(2, 12, 16), torch.randn(2, 12, 16), torch.rand(16) + 0.5
+    reference = dwconv(x, (3, 4), out_scale=scale, residual=residual).detach()  # autograd on: reference path
+    with torch.inference_mode():
+        buffer = residual.clone()
+        out = dwconv(x, (3, 4), out_scale=scale, residual=buffer)
+        assert out.data_ptr() == buffer.data_ptr()
+        strided = residual.transpose(0, 1).contiguous().transpose(0, 1)  # same values, not contiguous
+        out_strided = dwconv(x, (3, 4), out_scale=scale, residual=strided)
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out_strided, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(strided, residual, rtol=0, atol=0)

@@ -52,7 +52,8 @@ class DWConv(nn.Module):
     def forward(self, x: torch.Tensor, hw: tuple[int, int], out_scale: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N, C) tokens on an (H, W) grid -> (B, N, C); with ``residual`` (B, N, C) the result is
-        ``DWConv(x)·out_scale + residual``."""
+        ``DWConv(x)·out_scale + residual``, which the fused inference path accumulates into ``residual``'s own memory
+        (pass a buffer this call may overwrite, as ``DWConvMlp`` does with its fc1 output)."""
         if not torch.jit.is_scripting():  # noqa: SIM102 (nested: TorchScript then compiles only the reference path)
             if fast_inference(x, self.training) and self._fusable():
                 return self._forward_fused(x, hw, out_scale, residual)
@@ -82,10 +83,15 @@ class DWConv(nn.Module):
     @torch.jit.ignore
     def _forward_fused(self, x: torch.Tensor, hw: tuple[int, int], out_scale: torch.Tensor | None,
                        residual: torch.Tensor | None) -> torch.Tensor:
-        """Inference: conv1 with GELU as its post-op, BatchNorm in place, conv2 with ``out_scale`` folded, the
-        residual added in place (``cpu_inference``); two fresh (B, N, C) buffers instead of five."""
+        """Inference: conv1 with GELU as its post-op, BatchNorm in place, conv2 with ``out_scale`` folded and the
+        residual added by the conv itself into the residual's memory (``cpu_inference``); one fresh (B, N, C) buffer
+        instead of five. Accumulating into a warm buffer measured 1-2% faster for a whole FAN-T than adding into
+        conv2's fresh output, and than the out-of-place fused conv + add."""
         x = conv_act(tokens_to_map(x.contiguous(), hw), self.conv1, act="gelu")  # (B, C, H, W), channels-last
         scale, shift = bn_scale_shift(self.bn)
         x = torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1), out=x)
-        x = map_to_tokens(conv_act(x, self.conv2, out_scale=out_scale))  # (B, N, C), a view of fresh memory
-        return x if residual is None else x.add_(residual)
+        if residual is None or not residual.is_contiguous() or residual.dtype != x.dtype:
+            x = map_to_tokens(conv_act(x, self.conv2, out_scale=out_scale))  # (B, N, C), a view of fresh memory
+            return x if residual is None else x.add_(residual)
+        conv_act(x, self.conv2, out_scale=out_scale, accumulate=tokens_to_map(residual, hw))
+        return residual  # (B, N, C)
