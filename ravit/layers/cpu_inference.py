@@ -94,11 +94,11 @@ _MKL_MAX_MACS = 2**25
 @torch.jit.ignore
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias) [+ residual]`` as one oneDNN matmul with the bias (and the residual addition)
-    fused, or MKL's ``addmm`` [+ residual] for a small product (``_MKL_MAX_MACS``); x (..., in), residual (..., out) ->
-    (..., out).
-    Under autocast it is ``F.linear``: autocast casts each weight once per region (its cache), where this op would
-    cast it on every call."""
+    """``F.linear(x, weight, bias) [+ residual]``; x (..., in), residual (..., out) -> (..., out).
+
+    One oneDNN matmul with the bias (and the residual addition) fused, except for a small product (``_MKL_MAX_MACS``)
+    and under autocast, where it is ``F.linear`` then an in-place addition: autocast casts each weight once per region
+    (its cache), where the oneDNN op would cast it on every call."""
     if torch.is_autocast_enabled("cpu") or x.numel() * weight.shape[0] <= _MKL_MAX_MACS:
         y = F.linear(x, weight, bias)
         return y if residual is None else y.add_(residual)

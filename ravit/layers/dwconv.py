@@ -85,8 +85,9 @@ class DWConv(nn.Module):
                        residual: torch.Tensor | None) -> torch.Tensor:
         """Inference: conv1 with GELU as its post-op, BatchNorm in place, conv2 with ``out_scale`` folded and the
         residual added by the conv itself into the residual's memory (``cpu_inference``); one fresh (B, N, C) buffer
-        instead of five. Accumulating into a warm buffer measured 1-2% faster for a whole FAN-T than adding into
-        conv2's fresh output, and than the out-of-place fused conv + add."""
+        instead of five (two when the residual is strided or of another dtype, then added afterwards). Accumulating
+        into a warm buffer measured 1-2% faster for a whole FAN-T than adding into conv2's fresh output, and than the
+        out-of-place fused conv + add."""
         x = conv_act(tokens_to_map(x.contiguous(), hw), self.conv1, act="gelu")  # (B, C, H, W), channels-last
         scale, shift = bn_scale_shift(self.bn)
         x = torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1), out=x)
