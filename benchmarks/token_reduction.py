@@ -20,6 +20,10 @@ Methods (ATS: Fayyaz et al., ECCV 2022; ToMe: Bolya et al., ICLR 2023; options i
 - ``ats-fused-p0.5`` / ``-p0.25`` / ``-p0.1``: ``ats-fused`` with that ``score_power`` (inverse transform on
   score^p: a flatter CDF, more distinct tokens per sample, so the same K costs more GMACs); these also start two
   blocks before the paper's first ATS block, where a flat CDF still leaves enough tokens.
+- ``ats-topk-fused-r6``: ``ats-topk-fused`` with ``redundancy=6`` (a token's score times (1 - its largest key
+  similarity to a more important token)^6: near-duplicates of kept tokens go first and merge into them), from
+  blocks 0, 1 and one before the paper's first ATS block to the last block, and from block 0 to the one before it
+  (``"0-10:K"`` on 12 blocks: the last block keeps K tokens), to K in the same finals plus 1.
 
 ``speed`` times dense and, for each method, the setting whose GMACs ratio is nearest each ``--targets`` value
 (found on ``--probe`` images), interleaved call by call on the same batch (with ``--tome-src DIR``, a clone of
@@ -73,6 +77,9 @@ class Method:
 
 # score_power values of the flattened inverse-transform families (1 is the paper's, in ``ats-fused``)
 POWERS = (0.5, 0.25, 0.1)
+# redundancy of the redundancy-discounted fused Top-K family (0, off, is in ``ats-topk-fused``); 3 and 6 measured
+# within noise of each other on the 12-block zoo models (1000 test images), 6 ahead at 0.5x GMACs on the ViT
+REDUNDANCY = 6.0
 
 
 def first_ats_block(depth: int) -> int:
@@ -128,6 +135,13 @@ def _all_methods(model: torch.nn.Module) -> Iterator[Method]:
                 yield Method(f"ats-fused-p{power}", f"{start}-{depth - 1}:{k}", lambda m, s=start, k=k, p=power:
                              apply_ats(m, blocks=range(s, depth), budget=k, schedule="linear", fuse="nearest",
                                        score_power=p))
+    placements = sorted({(0, depth - 1), (min(1, depth - 1), depth - 1), (max(0, first - 1), depth - 1),
+                         (0, max(0, depth - 2))})
+    for start, end in placements:
+        for k in sorted({*finals, 1}, reverse=True):
+            yield Method(f"ats-topk-fused-r{REDUNDANCY:g}", f"{start}-{end}:{k}", lambda m, s=start, e=end, k=k:
+                         apply_ats(m, blocks=range(s, e + 1), budget=k, sampler="topk", schedule="linear",
+                                   fuse="nearest", static=True, redundancy=REDUNDANCY))
 
 
 def _zoo_or_timm(name: str) -> tuple[torch.nn.Module, bool]:

@@ -69,11 +69,12 @@ def test_image_folder_into_the_default_output_folder(tmp_path, monkeypatch):
             Image.fromarray(pixels).save(root / cls / f"{i}.png")
     monkeypatch.chdir(tmp_path)
     argv = ["ats", TINY[0], "--data", str(root), *TINY[1:], "img_size=28", "--blocks", "2", "3", "--budget", "none,5",
-            "--sampler", "topk"]
+            "--sampler", "topk", "--redundancy", "6"]
     assert main(argv) == 0
     out = tmp_path / "runs" / "ats" / TINY[0]  # runs/<command>/<MODEL>
     record = json.loads((out / "ats.json").read_text())
     assert record["num_images"] == 6 and record["ats"]["budgets"] == [None, 5] and record["ats"]["sampler"] == "topk"
+    assert record["ats"]["redundancy"] == 6
     assert record["kept_tokens"][1]["max"] == 1 + 5
 
 
@@ -86,6 +87,8 @@ def test_image_folder_into_the_default_output_folder(tmp_path, monkeypatch):
         (["--blocks", "x-y"], "--blocks: expected block indices"),
         (["--score-power", "0"], "--score-power: must be finite and > 0"),
         (["--score-power", "0.5", "--sampler", "topk", "--blocks", "1-3"], "does nothing with sampler='topk'"),
+        (["--redundancy", "-1"], "--redundancy: must be finite and >= 0"),
+        (["--redundancy", "nan"], "--redundancy: must be finite and >= 0"),
         (["--model-kwargs", "class_token=False", "global_pool=avg"], "ATS supports timm VisionTransformer"),
     ],
 )

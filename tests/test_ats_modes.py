@@ -460,6 +460,8 @@ EXPORT_CASES = {
     "inverse_transform": dict(budget=12, sampler="inverse_transform"),
     "inverse_transform-linear-fuse": dict(budget=0.25, sampler="inverse_transform", schedule="linear",
                                           fuse="nearest"),
+    "topk-linear-fuse-redundancy": dict(budget=0.25, sampler="topk", schedule="linear", fuse="nearest",
+                                        redundancy=6.0),
 }
 
 
@@ -723,3 +725,112 @@ def test_score_power_with_topk_is_refused():
     with pytest.raises(InvalidArgumentError, match="does nothing with sampler='topk'"):
         apply_ats(peaky_vit(), blocks=BLOCKS, budget=0.5, sampler="topk", score_power=0.5)
     assert apply_ats(peaky_vit(), blocks=BLOCKS, budget=0.5, sampler="topk", score_power=1).ats_config.score_power == 1
+
+
+# -------------------------------------------------------------------------------------------------- redundancy
+
+
+def test_redundancy_discount_by_hand():
+    """Token i's score times (1 - its largest cosine similarity to a token ranked above it, clamped to [0, 1])^gamma:
+    a copy of a higher token goes to 0, an orthogonal or opposite one keeps its score, ties rank the earlier token
+    first, and padding neither ranks nor covers."""
+    e = torch.eye(3)
+    c = 2 ** -0.5  # cos 45 degrees
+    # ranks: 0 (4), 1 (3), 2 (2, earlier of the tie), 4 (2), 3 (1); token 5 is padding with token 0's direction
+    metric = torch.stack([e[0], e[0], e[1], -e[0], F.normalize(e[0] + e[1], dim=0), e[0]])[None]  # (1, 6, 3)
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0, 2.0, 9.0]])
+    valid = torch.tensor([[True, True, True, True, True, False]])
+    got = ravit.ats.sampling.redundancy_discount(scores, metric, valid, 2.0)
+    expected = torch.tensor([[
+        4.0,  # the top token
+        0.0,  # a copy of token 0
+        2.0,  # orthogonal to tokens 0 and 1; token 4 (same score, later) ranks below it
+        1.0,  # opposite to 0 and 1, orthogonal to 2, at -c to 4: nothing similar ranks above it
+        2.0 * (1 - c) ** 2,  # at c to tokens 0, 1 and 2
+    ]])
+    torch.testing.assert_close(got[:, :5], expected)
+    assert torch.equal(ravit.ats.sampling.redundancy_discount(scores, metric, valid, 0.0), scores)
+
+
+def _keys_of_block(model, images, block):
+    """(B, N, D) unit metric (keys averaged over heads) of ``block``'s tokens on the dense ``model``."""
+    with torch.no_grad():
+        x = model._pos_embed(model.patch_embed(images))
+        for b in model.blocks[:block]:
+            x = b(x)
+        attn = model.blocks[block].attn
+        k = attn.qkv(model.blocks[block].norm1(x)).unflatten(-1, (3, attn.num_heads, -1))[:, :, 1]  # (B, N, H, D)
+        return F.normalize(k.mean(dim=2), dim=-1)
+
+
+@pytest.mark.parametrize("kwargs", [dict(fuse="nearest"), dict(fuse="nearest", static=True), dict()])
+def test_redundancy_feeds_the_sampler_discounted_scores(images, kwargs):
+    """With redundancy=gamma the sampler of the first ATS block gets the paper's scores, each times (1 - the largest
+    key similarity to a higher-scoring token)^gamma, computed here token by token; the kept tokens change."""
+    seen = {}
+    for gamma in (0.0, 3.0):
+        seen[gamma] = []
+        model = apply_ats(peaky_vit(), blocks=[1], budget=12, sampler=_recording_topk(seen[gamma]), redundancy=gamma,
+                          **kwargs)
+        with torch.no_grad():
+            model(images)
+    metric = _keys_of_block(peaky_vit(), images, 1)[:, 1:]  # (B, N, D) patch tokens
+    plain, got = seen[0.0][0], seen[3.0][0]
+    expected = plain.clone()
+    for b in range(plain.shape[0]):
+        for i in range(plain.shape[1]):
+            above = [j for j in range(plain.shape[1]) if plain[b, j] > plain[b, i] or (plain[b, j] == plain[b, i]
+                                                                                      and j < i)]
+            c = max([float(metric[b, i] @ metric[b, j]) for j in above], default=0.0)
+            expected[b, i] = plain[b, i] * (1 - min(max(c, 0.0), 1.0)) ** 3
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+    paper = trace(apply_ats(peaky_vit(), blocks=BLOCKS, budget=12, sampler="topk", **kwargs), images,
+                  count_gmacs=False)
+    reduced = trace(apply_ats(peaky_vit(), blocks=BLOCKS, budget=12, sampler="topk", redundancy=3.0, **kwargs), images,
+                    count_gmacs=False)
+    assert not same_kept(paper, reduced)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(sampler="topk", fuse="nearest", static=True), dict(sampler="inverse_transform", fuse="nearest"), dict()])
+def test_redundancy_is_batch_independent(images, kwargs):
+    model = apply_ats(peaky_vit(), blocks=BLOCKS, budget=0.2, schedule="linear", redundancy=6.0, **kwargs)
+    assert_batch_independent(model, images)
+
+
+def test_redundancy_on_fan_discounts_the_received_attention_scores():
+    """On FAN the received-attention scores are discounted the same way: never raised, the top token of each image
+    unchanged, some lowered; the kept tokens change and stay batch-independent."""
+    import timm
+    from ats_helpers import sharpen
+
+    def fan():
+        torch.manual_seed(0)
+        return sharpen(timm.create_model("fan_tiny_12_p16_224", img_size=64, patch_size=8, embed_dim=32, depth=4,
+                                         num_heads=2, num_classes=5))
+
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    seen = {}
+    for gamma in (0.0, 6.0):
+        seen[gamma] = []
+        with torch.no_grad():
+            apply_ats(fan(), blocks=[1, 2, 3], budget=20, sampler=_recording_topk(seen[gamma]), redundancy=gamma)(
+                images)
+    plain, got = seen[0.0][0], seen[6.0][0]
+    assert bool((got <= plain + 1e-7).all()) and bool((got < plain - 1e-4).any())
+    top = plain.argmax(dim=1, keepdim=True)
+    torch.testing.assert_close(got.gather(1, top), plain.gather(1, top))
+    kwargs = dict(blocks=[1, 2, 3], budget=20, sampler="topk", fuse="nearest", static=True)
+    model = apply_ats(fan(), redundancy=6.0, **kwargs)
+    assert not same_kept(trace(model, images, count_gmacs=False), trace(apply_ats(fan(), **kwargs), images,
+                                                                       count_gmacs=False))
+    assert_batch_independent(model, images)
+
+
+@pytest.mark.parametrize("gamma,message", [
+    (-1.0, "redundancy must be a finite number >= 0"), (float("nan"), ">= 0"), (float("inf"), ">= 0"),
+    (True, "redundancy must be"), ("6", "redundancy must be"),
+])
+def test_bad_redundancy(gamma, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        apply_ats(peaky_vit(), blocks=BLOCKS, redundancy=gamma)

@@ -18,6 +18,12 @@ paper's algorithm):
 - ``score_power=p``: the sampler sees score^p. 1 is the paper's; p < 1 flattens the scores' CDF, so the K points of
   inverse transform sampling land on more distinct tokens (fewer merge as duplicates) and cover more of the image.
   Top-K's order does not change with p, so Top-K refuses p != 1.
+- ``redundancy=gamma``: each token's score is multiplied by (1 - c)^gamma, c its largest key similarity to a more
+  important token (:func:`~ravit.ats.sampling.redundancy_discount`, a soft non-maximum suppression), so a token that
+  a kept one already represents is dropped first and, with ``fuse="nearest"``, averaged into it: ToMe's insight
+  that merging near-duplicates costs little, inside ATS's importance ranking. 0 (off) is the paper's. Applied
+  before ``score_power``. Measured on the 12-block zoo ViT (all 10,000 test images, fused Top-K, linear schedule
+  from block 0 to 1 token, 0.50x GMACs): 88.1% without, 90.4% with gamma = 6.
 - ``static=True``: every image leaves an ATS block in exactly K slots (kept tokens first, empty slots masked out
   of attention), so tensor shapes depend only on the budget and the model exports (``torch.export``, ONNX,
   ``torch.compile(fullgraph=True)``). Needs int budgets (or ``schedule="linear"``, which resolves to ints).
@@ -136,11 +142,13 @@ class ATSConfig:
     static: bool = False
     score: str = "attention_value"
     score_power: float = 1.0
+    redundancy: float = 0.0
 
     @property
     def padded(self) -> bool:
-        """True when the blocks run on padded slots with token sizes (static or fused), not on ragged tokens."""
-        return self.static or self.fuse != "none"
+        """True when the blocks run on padded slots with token sizes (static, fused or redundancy-discounted), not on
+        ragged tokens (the paper's modes only)."""
+        return self.static or self.fuse != "none" or self.redundancy > 0
 
     @classmethod
     def build(
@@ -155,6 +163,7 @@ class ATSConfig:
         static: bool = False,
         score: str = "attention_value",
         score_power: float = 1.0,
+        redundancy: float = 0.0,
     ) -> ATSConfig:
         """Validate user arguments against a model of ``depth`` blocks and ``num_patches`` patch tokens."""
         try:
@@ -200,6 +209,9 @@ class ATSConfig:
         if isinstance(score_power, bool) or not isinstance(score_power, numbers.Real) or not (
                 0 < float(score_power) < math.inf):
             raise InvalidArgumentError(f"score_power must be a finite number > 0, got {score_power!r}")
+        if isinstance(redundancy, bool) or not isinstance(redundancy, numbers.Real) or not (
+                0 <= float(redundancy) < math.inf):
+            raise InvalidArgumentError(f"redundancy must be a finite number >= 0 (0: off), got {redundancy!r}")
         if sampler == "topk" and float(score_power) != 1.0:
             raise InvalidArgumentError(
                 f"score_power={score_power} does nothing with sampler='topk' (a power keeps the scores' order); use "
@@ -211,7 +223,8 @@ class ATSConfig:
         elif not callable(sampler):
             raise InvalidArgumentError(f"sampler must be a name {sorted(SAMPLERS)} or a callable, got {sampler!r}")
         return cls(blocks=tuple(b for b, _ in pairs), budgets=tuple(v for _, v in pairs), sampler=sampler,
-                   schedule=schedule, fuse=fuse, static=static, score=score, score_power=float(score_power))
+                   schedule=schedule, fuse=fuse, static=static, score=score, score_power=float(score_power),
+                   redundancy=float(redundancy))
 
     def with_power(self, keep: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

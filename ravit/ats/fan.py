@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ravit.ats.padded import _front, _gather, _key_bias
+from ravit.ats.sampling import redundancy_discount
 from ravit.layers.channel_processing import ChannelProcessing, channel_attention_gate
 from ravit.layers.dwconv import map_to_tokens, tokens_to_map
 from ravit.models.fan import FAN
@@ -143,7 +144,7 @@ def _absorb(x: torch.Tensor, size: torch.Tensor, x_in: torch.Tensor, size_in: to
 
 def mixing_forward(block: nn.Module, slots: GridSlots, hw: tuple[int, int], keep_fn: Keep | None = None,
                    width: int | None = None, proportional: bool = False, value_norm: bool = True,
-                   fuse: bool = False) -> tuple[GridSlots, torch.Tensor]:
+                   fuse: bool = False, redundancy: float = 0.0) -> tuple[GridSlots, torch.Tensor]:
     """Token mixing of a FAN block (x + γ1·MHSA(LN1 x)) on slots; with ``keep_fn``, an ATS sampling step.
 
     Args:
@@ -157,6 +158,8 @@ def mixing_forward(block: nn.Module, slots: GridSlots, hw: tuple[int, int], keep
         fuse: average each dropped token into its most similar kept token (cosine of the keys averaged over heads)
             and hand it its positions; otherwise dropped tokens leave and the nearest kept token on the grid holds
             their positions.
+        redundancy: discount each score by (1 - similarity to a more important token)^``redundancy`` before
+            ``keep_fn`` (:func:`~ravit.ats.sampling.redundancy_discount`); 0 leaves the scores as they are.
 
     Returns:
         The new slots (fewer after sampling) and the (B, H, L, D) keys of the *input* slots (ToMe's metric).
@@ -177,12 +180,15 @@ def mixing_forward(block: nn.Module, slots: GridSlots, hw: tuple[int, int], keep
         probs = ((q * attn.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # (B, H, L, L)
         with torch.no_grad():  # the scores only steer a discrete choice
             valid = slots.size > 0
-            keep = keep_fn(received_attention_scores(probs, slots.size, v, value_norm), valid) & valid  # (B, L)
+            scores = received_attention_scores(probs, slots.size, v, value_norm)  # (B, L)
+            metric = F.normalize(k.mean(dim=1), dim=-1) if fuse or redundancy else None  # (B, L, D)
+            if redundancy:
+                scores = redundancy_discount(scores, metric, valid, redundancy)
+            keep = keep_fn(scores, valid) & valid  # (B, L)
             if width is None:
                 width = int(keep.sum(dim=1).max())
             index, filled = _front(keep, width)  # (B, width) each
-            metric = F.normalize(k.mean(dim=1), dim=-1) if fuse else None  # (B, L, D)
-            target = _nearest_kept(slots, keep, hw, metric)  # (B, L) input slot -> kept input slot
+            target = _nearest_kept(slots, keep, hw, metric if fuse else None)  # (B, L) input slot -> kept input slot
             owner = _new_owner(owner, target, index, filled)  # (B, G)
         probs = probs.gather(2, index[:, None, :, None].expand(-1, H, -1, L))  # (B, H, width, L): kept queries
         o = attn.attn_drop(probs) @ v  # (B, H, width, D)

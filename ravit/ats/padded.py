@@ -32,6 +32,7 @@ from torch import nn
 
 from ravit.ats.block import Tokens
 from ravit.ats.hosts import VIT_OPS, BlockOps
+from ravit.ats.sampling import redundancy_discount
 
 __all__ = ["Slots", "padded_block_forward", "to_tokens"]
 
@@ -140,7 +141,7 @@ def _fuse(x_kept: torch.Tensor, size_kept: torch.Tensor, x_in: torch.Tensor, w_i
 
 def padded_block_forward(block: nn.Module, slots: Slots, num_prefix: int, proportional: bool,
                          keep_fn: Keep | None = None, width: int | None = None, fuse: bool = False,
-                         ops: BlockOps | None = None, value_norm: bool = True) -> Slots:
+                         ops: BlockOps | None = None, value_norm: bool = True, redundancy: float = 0.0) -> Slots:
     """One pre-norm block on padded slots; with ``keep_fn``, an ATS block.
 
     Args:
@@ -155,6 +156,8 @@ def padded_block_forward(block: nn.Module, slots: Slots, num_prefix: int, propor
         ops: the host's :class:`~ravit.ats.hosts.BlockOps` (positions by ``slots.ids``, attention output, layer
             scale); None for a timm ViT ``Block``.
         value_norm: score by class attention x value norm (Eq. 3); False: the class attention alone (Sec. 4.3).
+        redundancy: discount each score by (1 - similarity to a more important token)^``redundancy`` before
+            ``keep_fn`` (:func:`~ravit.ats.sampling.redundancy_discount`); 0 leaves the scores as they are.
     """
     ops = VIT_OPS if ops is None else ops
     attn = block.attn
@@ -171,7 +174,11 @@ def padded_block_forward(block: nn.Module, slots: Slots, num_prefix: int, propor
             valid = slots.size[:, P:] > 0  # (B, L - P)
             cls_positions = ops.position_bias(block, slots.ids[:, :1], slots.ids)  # (B, H, 1, L) or None
             cls_bias = _with_positions(key_bias, cls_positions)  # (B, H|1, 1, L)
-            keep = keep_fn(_scores(q[:, :, 0], k, v, cls_bias, attn.scale, value_norm)[:, P:], valid) & valid
+            scores = _scores(q[:, :, 0], k, v, cls_bias, attn.scale, value_norm)[:, P:]  # (B, L - P)
+            metric = F.normalize(k.mean(dim=1), dim=-1) if fuse or redundancy else None  # (B, L, D)
+            if redundancy:
+                scores = redundancy_discount(scores, metric[:, P:], valid, redundancy)
+            keep = keep_fn(scores, valid) & valid
             if width is None:
                 width = int(keep.sum(dim=1).max())
             order, filled = _front(keep, width)  # (B, width) each
@@ -189,7 +196,6 @@ def padded_block_forward(block: nn.Module, slots: Slots, num_prefix: int, propor
     o = ops.attn_out(block, o.transpose(1, 2).flatten(2), h)  # (B, L', C)
     x = x + block.drop_path1(ops.scale1(block, o))
     if keep_fn is not None and fuse:
-        metric = F.normalize(k.mean(dim=1), dim=-1)  # (B, L, D)
         dropped = valid & ~keep  # (B, L - P)
         weight = torch.where(dropped, slots.size[:, P:], 0.0)  # (B, L - P)
         x, size = _fuse(x, size, slots.x[:, P:], weight, metric[:, P:], _gather(metric, index), P)

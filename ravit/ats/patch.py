@@ -177,7 +177,7 @@ def _padded_features(model: nn.Module, host: Host, x: torch.Tensor, positions: o
             keep_fn, width = _block_keep(cfg, sampler, budgets[i], N - P, slots.x.shape[1] - P)
         ops = host.block_ops(model, i, positions)
         args = (model.blocks[i], slots, P, cfg.fuse != "none", keep_fn, width, cfg.fuse != "none", ops,
-                cfg.score == "attention_value")
+                cfg.score == "attention_value", cfg.redundancy)
         slots = checkpoint(padded_block_forward, *args, use_reentrant=False) if use_checkpoint else \
             padded_block_forward(*args)
         if record is not None and keep_fn is not None:
@@ -200,7 +200,7 @@ def _fan_features(model: FAN, images: torch.Tensor, record: list[Tokens] | None)
         if i in budgets:
             keep_fn, width = _block_keep(cfg, sampler, budgets[i], x.shape[1], slots.x.shape[1])
         slots, _ = mixing_forward(model.blocks[i], slots, hw, keep_fn, width, proportional=fused,
-                                  value_norm=cfg.score == "attention_value", fuse=fused)
+                                  value_norm=cfg.score == "attention_value", fuse=fused, redundancy=cfg.redundancy)
         slots = channel_forward(model.blocks[i], slots, hw, proportional=fused)
         if record is not None and keep_fn is not None:
             record.append(to_tokens(slots))  # GridSlots has the fields it reads (x, size, ids)
@@ -218,6 +218,7 @@ def apply_ats(
     static: bool = False,
     score: str = "attention_value",
     score_power: float = 1.0,
+    redundancy: float = 0.0,
 ) -> nn.Module:
     """Patch a timm ViT, Eva or Beit in place with Adaptive Token Sampling and return it.
 
@@ -243,6 +244,10 @@ def apply_ats(
         score_power: the sampler sees score^p; 1 (the paper's), or p < 1 to flatten the scores so inverse transform
             sampling keeps more distinct tokens per sample (ravit's option; refused with Top-K, where it changes
             nothing).
+        redundancy: gamma >= 0; each score is multiplied by (1 - c)^gamma, c the token's largest key similarity to
+            a more important token, so near-duplicates of kept tokens are dropped (and, fused, merged) first
+            (ravit's option, ToMe's insight inside ATS's ranking; 0, off, is the paper's). See
+            :mod:`ravit.ats.config`.
 
     Returns:
         ``model``, whose forward returns what it returned before (logits), computed on the kept tokens.
@@ -250,7 +255,7 @@ def apply_ats(
     _check_host(model)
     config = ATSConfig.build(
         blocks, budget, sampler, depth=len(model.blocks), num_patches=_num_patches(model.patch_embed),
-        schedule=schedule, fuse=fuse, static=static, score=score, score_power=score_power,
+        schedule=schedule, fuse=fuse, static=static, score=score, score_power=score_power, redundancy=redundancy,
     )
     _check_blocks(model, config.blocks[0])
     return attach(model, _ATSModel, "ats_config", config)

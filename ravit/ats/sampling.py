@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "class_attention_scores", "inverse_transform_sampling", "samples_per_image", "stable_sort", "static_sampler",
-    "topk_sampling",
+    "class_attention_scores", "inverse_transform_sampling", "redundancy_discount", "samples_per_image", "stable_sort",
+    "static_sampler", "topk_sampling",
 ]
 
 
@@ -50,6 +50,35 @@ def class_attention_scores(
         return attn
     v_norm = torch.linalg.vector_norm(v.transpose(1, 2).reshape(B, N, H * D).float(), dim=-1)  # (B, N)
     return attn * v_norm
+
+
+def redundancy_discount(scores: torch.Tensor, metric: torch.Tensor, valid: torch.Tensor, gamma: float
+                        ) -> torch.Tensor:
+    """Scores with redundant tokens discounted (ravit's ``redundancy`` option, a soft non-maximum suppression).
+
+    Token i's score is multiplied by (1 - c_i)^gamma, where c_i is the largest cosine similarity of its metric to
+    any valid token that ranks above it (a higher score; on ties an earlier token), clamped to [0, 1]. A token that
+    a more important token already represents then ranks low: it is dropped first and, with fusion, averaged into
+    that token. This is ToMe's observation (Bolya et al., ICLR 2023, Sec. 3: merging the most similar tokens costs
+    little) inside ATS's importance ranking (Eq. 3); the top token of each image keeps its score.
+
+    Args:
+        scores: (B, N) non-negative scores of the candidate tokens.
+        metric: (B, N, D) unit vectors (the keys averaged over heads, as fusion uses).
+        valid: (B, N) bool, the real candidates.
+        gamma: the exponent (> 0; larger suppresses near-duplicates harder).
+
+    Returns:
+        (B, N) discounted scores, <= ``scores``.
+    """
+    N = scores.shape[1]
+    order = torch.arange(N, device=scores.device)
+    s = scores.float().masked_fill(~valid, float("-inf"))
+    above = (s[:, None, :] > s[:, :, None]) | (
+        (s[:, None, :] == s[:, :, None]) & (order[None, :] < order[:, None])[None])  # (B, N, N): j ranks above i
+    sim = (metric @ metric.transpose(1, 2)).float()  # (B, N, N) cosine similarity
+    covered = sim.masked_fill(~(above & valid[:, None, :]), 0.0).amax(dim=2).clamp(0.0, 1.0)  # (B, N)
+    return scores * (1.0 - covered) ** gamma
 
 
 def samples_per_image(budget: int | float | None, n_valid: torch.Tensor, n_ref: int) -> torch.Tensor:

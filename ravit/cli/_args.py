@@ -342,3 +342,11 @@ def positive(text: str) -> float:
     if not 0 < value < math.inf:
         raise ValueError(f"must be finite and > 0, got {text!r}")
     return value
+
+
+def non_negative(text: str) -> float:
+    """A finite number >= 0."""
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise ValueError(f"must be finite and >= 0, got {text!r}")
+    return value

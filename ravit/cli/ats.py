@@ -2,7 +2,7 @@
 
     ravit ats MODEL [--data NAME_OR_FOLDER] [--checkpoint PATH | --pretrained] --blocks 3-11 --budget none|K|RATIO
               [--sampler inverse_transform|topk] [--schedule each|linear] [--fuse none|nearest] [--static]
-              [--score attention_value|attention] [--score-power P]
+              [--score attention_value|attention] [--score-power P] [--redundancy G]
 
 MODEL is any ravit / timm model name (``--model-kwargs`` for its arguments, ``--pretrained`` for shipped weights,
 ``--checkpoint`` for a file). ``--data`` is ``fashion-mnist`` or an image folder (``<folder>/<class>/<image>`` or
@@ -31,6 +31,7 @@ from ravit.cli._args import (
     budget,
     build_model,
     model_input,
+    non_negative,
     output_dir,
     positive,
     resolve_device,
@@ -69,6 +70,10 @@ def register(subparsers) -> None:
     add_value_argument(p, "--score-power", positive, "the sampler sees score^P: 1 (the paper's) or below 1 to "
                        "flatten the scores, so inverse transform sampling keeps more distinct tokens (ravit's "
                        "option; not with --sampler topk)", default=1.0, metavar="P")
+    add_value_argument(p, "--redundancy", non_negative, "scores times (1 - similarity to a more important "
+                       "token)^G, so near-duplicates of kept tokens go first (with --fuse nearest: merge into them); "
+                       "0 (off) is the paper's, 6 what ravit's benchmark uses (ravit's option)", default=0.0,
+                       metavar="G")
     add_count_argument(p, "--limit", None, "use only the first N images")
     add_count_argument(p, "--batch-size", 64, "images per batch")
     add_count_argument(p, "--workers", 0, "data loader workers", least=0)
@@ -96,7 +101,7 @@ def run(args) -> int:
 
     blocks, per_block = args.blocks, args.budget[0] if len(args.budget) == 1 else args.budget
     options = dict(sampler=args.sampler, schedule=args.schedule, fuse=args.fuse, static=args.static, score=args.score,
-                   score_power=args.score_power)
+                   score_power=args.score_power, redundancy=args.redundancy)
     device = resolve_device(args.device)
     out = output_dir(args, "ats", args.model)
     model = build_model(args).to(device)
@@ -170,6 +175,7 @@ def run(args) -> int:
     print(f"{args.model} on {args.data} ({args.split}, {len(labels)} images), ATS blocks {config['blocks']}, "
           f"budget {per_block}, sampler {args.sampler}, schedule {args.schedule}, fuse {args.fuse}, "
           f"score {args.score}{'' if args.score_power == 1 else f'^{args.score_power:g}'}"
+          f"{'' if not args.redundancy else f', redundancy {args.redundancy:g}'}"
           f"{', static' if args.static else ''}")
     print(f"  accuracy: dense {100 * acc_dense:.2f}%  ATS {100 * acc_ats:.2f}%")
     print(f"  GMACs/image: dense {dense_gmacs:.4f}  ATS mean {record['gmacs']['ats']['mean']:.4f} "
