@@ -185,9 +185,10 @@ def test_dropping_equals_a_reference_on_the_kept_tokens(images, name, static):
 
 
 @pytest.mark.parametrize("name", MAIN)
-@pytest.mark.parametrize("budget,static", [(None, False), (0.5, False), (12, True)])
-def test_batch_independence(images, name, budget, static):
-    model = apply_ats(peaky(name), blocks=[1, 2, 3], budget=budget, static=static)
+@pytest.mark.parametrize("budget,static,redundancy", [(None, False, 0.0), (0.5, False, 0.0), (12, True, 0.0),
+                                                      (12, True, 6.0)])
+def test_batch_independence(images, name, budget, static, redundancy):
+    model = apply_ats(peaky(name), blocks=[1, 2, 3], budget=budget, static=static, redundancy=redundancy)
     if budget is None:
         kept = trace(model, images, count_gmacs=False).kept_tokens[:, -1]
         assert len(set(kept.tolist())) > 1, "images should keep different token counts"
