@@ -62,6 +62,7 @@ def summary(good: bool) -> dict:
     rows += curve("tome", [(0.5, 0.80 if good else 0.95), (0.9, 0.89)])
     rows += curve("ats_fused_linear", [(0.5, 0.82 if good else 0.70), (0.8, 0.89 if good else 0.70)])
     rows += curve("ats_flat_fused", [(0.45, 0.79 if good else 0.70), (0.6, 0.86 if good else 0.72)])
+    rows += curve("ats_redundant_fused", [(0.55, 0.83 if good else 0.71), (0.75, 0.88 if good else 0.73)])
     rows += curve("ats_finetuned", [(0.65, 0.899 if good else 0.81)])
     for r in rows:
         if r["method"] in ("ats", "ats_finetuned") and r["gmacs_ratio"] == 0.65:
@@ -70,6 +71,7 @@ def summary(good: bool) -> dict:
     fan_rows += curve("ats", [(0.5, 0.80 if good else 0.60), (0.8, 0.90 if good else 0.70)])
     fan_rows += curve("ats_fused_linear", [(0.5, 0.70), (0.8, 0.80)])
     fan_rows += curve("ats_flat_fused", [(0.45, 0.65), (0.7, 0.78)])
+    fan_rows += curve("ats_redundant_fused", [(0.55, 0.66), (0.75, 0.80)])
     fan_rows += curve("tome", [(0.5, 0.75), (0.8, 0.85)])
     return {
         "roles": {"vit": "v", "fan": "f", "vit_ats": "t"},
@@ -140,6 +142,20 @@ def test_ats_vs_tome_holds_when_only_the_flattened_mode_reaches_tome():
     assert "ATS on score^0.5 fused + linear +" in result["ats-vs-tome"]["measured"]
     assert "ATS Top-K fused + linear −" in result["ats-vs-tome"]["measured"]
     assert "ATS on FAN score^0.5 fused + linear +" in result["ats-on-fan"]["measured"]
+
+
+def test_ats_vs_tome_holds_when_only_the_redundancy_mode_reaches_tome():
+    s = summary(good=False)
+    for key, points in (("token_reduction", [(0.55, 0.97), (0.75, 0.97)]), ("token_reduction_fan", [(0.55, 0.80),
+                                                                                                    (0.75, 0.84)])):
+        s[key]["rows"] = [r for r in s[key]["rows"] if r["method"] != "ats_redundant_fused"]
+        s[key]["rows"] += curve("ats_redundant_fused", points)
+    result = {c["id"]: c for c in claims(s)}
+    assert result["ats-vs-tome"]["holds"] and result["ats-on-fan"]["holds"]
+    assert "ATS Top-K redundancy 6 fused + linear +" in result["ats-vs-tome"]["measured"]
+    assert "ATS on score^0.5 fused + linear −" in result["ats-vs-tome"]["measured"]
+    assert "ATS on FAN Top-K redundancy 6 fused + linear +" in result["ats-on-fan"]["measured"]
+    assert not {c["id"]: c for c in claims(summary(good=False))}["ats-vs-tome"]["holds"]
 
 
 @pytest.mark.parametrize("kwargs", [dict(budget=None), dict(budget=0.6, sampler="topk"), dict(budget=[20, 9, 4])])

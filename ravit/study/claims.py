@@ -210,12 +210,13 @@ def _finetune(summary: dict) -> dict:
 def _tome(summary: dict) -> dict:
     measured, *holds = _comparisons(summary, ("ats", "tome", "ATS (paper form)", "ToMe"),
                                     ("ats_fused_linear", "tome", "ATS Top-K fused + linear", "ToMe"),
-                                    ("ats_flat_fused", "tome", "ATS on score^0.5 fused + linear", "ToMe"))
+                                    ("ats_flat_fused", "tome", "ATS on score^0.5 fused + linear", "ToMe"),
+                                    ("ats_redundant_fused", "tome", "ATS Top-K redundancy 6 fused + linear", "ToMe"))
     return {
         "id": "ats-vs-tome",
-        "claim": "ATS, in the paper's form or with ravit's options (Top-K or inverse transform on score^0.5, fused, "
-                 "linear schedule), is at least as accurate as ToMe (token merging, the method practitioners pick) "
-                 "at equal GMACs, both without fine-tuning",
+        "claim": "ATS, in the paper's form or with ravit's options (Top-K, Top-K with redundancy discount or inverse "
+                 "transform on score^0.5, fused, linear schedule), is at least as accurate as ToMe (token merging, "
+                 "the method practitioners pick) at equal GMACs, both without fine-tuning",
         "paper": "neither paper: ToMe (Bolya et al., ICLR 2023) came after ATS; the comparison is ravit's",
         "measured": measured,
         "holds": any(holds),
@@ -239,6 +240,8 @@ def _on_fan(summary: dict) -> dict:
     measured, *holds = _comparisons(summary, ("ats", "tome", "ATS on FAN (paper form)", "ToMe on FAN"),
                                     ("ats_fused_linear", "tome", "ATS on FAN Top-K fused + linear", "ToMe on FAN"),
                                     ("ats_flat_fused", "tome", "ATS on FAN score^0.5 fused + linear", "ToMe on FAN"),
+                                    ("ats_redundant_fused", "tome", "ATS on FAN Top-K redundancy 6 fused + linear",
+                                     "ToMe on FAN"),
                                     key="token_reduction_fan")
     return {**claim, "measured": default + measured, "holds": any(holds)}
 

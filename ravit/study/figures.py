@@ -19,7 +19,8 @@ from ravit.study.reduction import FAN_METHODS, METHODS
 __all__ = ["plot_grouping", "plot_reduction", "plot_robustness", "plot_summary"]
 
 _MARKERS = {"dense": "*", "ats": "o", "ats_single": "^", "topk_single": "v", "ats_attention": "D", "random": "x",
-            "tome": "s", "ats_fused_linear": "P", "ats_flat_fused": "X", "ats_finetuned": "h"}
+            "tome": "s", "ats_fused_linear": "P", "ats_flat_fused": "X", "ats_redundant_fused": "d",
+            "ats_finetuned": "h"}
 
 
 def _save(fig: Figure, path: Path) -> Path:

@@ -15,11 +15,13 @@ Methods (``method`` in the rows; ATS blocks "first..last" are the paper's placem
 - ``ats_flat_fused``: the same with inverse transform sampling on score^0.5 (``score_power=0.5``: a flatter CDF,
   so the samples land on more distinct tokens): with fusion, the best mode of ``benchmarks/token_reduction.py`` on
   the 12-block zoo models below 0.6x GMACs, where Top-K fused cannot go at the paper's placement.
+- ``ats_redundant_fused``: ``ats_fused_linear`` with ``redundancy=6`` (each score times (1 - its largest key
+  similarity to a more important token)^6: near-duplicates of kept tokens are dropped first and merge into them).
 - ``ats_finetuned``: ``ats`` on the ViT fine-tuned with ATS in the loop (Sec. 4.2 b).
 
 The FAN gets its own sweep (:func:`measure_fan_reduction`, ``FAN_METHODS``): ``dense``, ``ats``,
-``ats_fused_linear`` and ``ats_flat_fused`` as above through :mod:`ravit.ats.fan` (tokens scored by the attention
-they receive, FAN blocks having no class token), and ``tome`` through :mod:`ravit.tome.fan`.
+``ats_fused_linear``, ``ats_flat_fused`` and ``ats_redundant_fused`` as above through :mod:`ravit.ats.fan` (tokens
+scored by the attention they receive, FAN blocks having no class token), and ``tome`` through :mod:`ravit.tome.fan`.
 
 GMACs are counted with ``FlopCounterMode`` on the first ``gmacs_images`` images and averaged. The ragged ATS path
 computes each image on its own tokens, so one counted forward of the batch gives the sum of the per-image counts
@@ -61,6 +63,7 @@ METHODS = {
     "tome": "ToMe",
     "ats_fused_linear": "ATS Top-K, fused, linear (ravit)",
     "ats_flat_fused": "ATS on score^0.5, fused, linear (ravit)",
+    "ats_redundant_fused": "ATS Top-K, redundancy 6, fused, linear (ravit)",
     "ats_finetuned": "ATS, fine-tuned ViT",
 }
 
@@ -71,6 +74,7 @@ FAN_METHODS = {
     "ats": "ATS on FAN (multi-stage)",
     "ats_fused_linear": "ATS on FAN, Top-K fused linear (ravit)",
     "ats_flat_fused": "ATS on FAN, score^0.5, fused linear (ravit)",
+    "ats_redundant_fused": "ATS on FAN, Top-K, redundancy 6, fused linear (ravit)",
     "tome": "ToMe on FAN",
 }
 
@@ -135,6 +139,9 @@ def settings(depth: int, num_patches: int, budgets: Sequence[Budget], finetuned:
                                                              schedule="linear", fuse="nearest")) for b in fused]
     out += [Setting("ats_flat_fused", f"→{b:g}", ats=dict(blocks=multi, budget=b, schedule="linear", fuse="nearest",
                                                            score_power=0.5)) for b in fused]
+    out += [Setting("ats_redundant_fused", f"→{b:g}", ats=dict(blocks=multi, budget=b, sampler="topk",
+                                                                schedule="linear", fuse="nearest", redundancy=6.0))
+            for b in fused]
     if finetuned:
         out += [Setting("ats_finetuned", _label(b), model="vit_ats", ats=dict(blocks=multi, budget=b))
                 for b in budgets]
@@ -153,6 +160,8 @@ def fan_settings(depth: int, num_patches: int, budgets: Sequence[Budget], quick:
         blocks=multi, budget=b, sampler="topk", schedule="linear", fuse="nearest")) for b in fused]
     out += [Setting("ats_flat_fused", f"→{b:g}", model="fan", ats=dict(
         blocks=multi, budget=b, schedule="linear", fuse="nearest", score_power=0.5)) for b in fused]
+    out += [Setting("ats_redundant_fused", f"→{b:g}", model="fan", ats=dict(
+        blocks=multi, budget=b, sampler="topk", schedule="linear", fuse="nearest", redundancy=6.0)) for b in fused]
     out += [Setting("tome", f"r={r}", model="fan", tome=r) for r in (rs[::2] if quick else rs)]
     return out
 
