@@ -71,14 +71,16 @@ def redundancy_discount(scores: torch.Tensor, metric: torch.Tensor, valid: torch
     Returns:
         (B, N) discounted scores, <= ``scores``.
     """
-    N = scores.shape[1]
-    order = torch.arange(N, device=scores.device)
-    s = scores.float().masked_fill(~valid, float("-inf"))
-    above = (s[:, None, :] > s[:, :, None]) | (
-        (s[:, None, :] == s[:, :, None]) & (order[None, :] < order[:, None])[None])  # (B, N, N): j ranks above i
-    sim = (metric @ metric.transpose(1, 2)).float()  # (B, N, N) cosine similarity
-    covered = sim.masked_fill(~(above & valid[:, None, :]), 0.0).amax(dim=2).clamp(0.0, 1.0)  # (B, N)
-    return scores * (1.0 - covered) ** gamma
+    D = metric.shape[-1]
+    # rank order: valid tokens by falling score, ties to the earlier token (a stable sort), padding last
+    order = _export_sort()(scores.float().masked_fill(~valid, float("-inf")), descending=True)[1]  # (B, N)
+    ranked = metric.gather(1, order[..., None].expand(-1, -1, D))  # (B, N, D) metric in rank order
+    # row r keeps the similarities to the tokens ranked above it (columns < r); zeros elsewhere, which the clamp
+    # below would give anyway
+    sim = torch.tril(ranked @ ranked.transpose(1, 2), diagonal=-1)  # (B, N, N)
+    covered = sim.float().amax(dim=2).clamp(0.0, 1.0)  # (B, N) in rank order; padding covers nobody (ranked last)
+    discount = torch.empty_like(covered).scatter_(1, order, (1.0 - covered) ** gamma)  # (B, N) in token order
+    return scores * discount
 
 
 def samples_per_image(budget: int | float | None, n_valid: torch.Tensor, n_ref: int) -> torch.Tensor:
