@@ -118,18 +118,41 @@ def _front(keep: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     return order, keep.gather(1, order)
 
 
+def _kept_index(keep: torch.Tensor, width: int, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The slots an ATS block keeps: (B, P + width) indices (the prefix slots, then each row's kept patch slots in
+    input order, ``keep`` (B, N) being over the patch slots) and their (B, P + width) fill mask, or None when every
+    slot is filled.
+
+    One image whose kept count is the width (always so unless a static K exceeds the tokens left) takes two ops, a
+    pad and a ``nonzero``, and needs no mask: at batch 1 an ATS block's cost is its op count.
+    """
+    if keep.shape[0] == 1 and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        index = F.pad(keep, (num_prefix, 0), value=True)[0].nonzero().view(1, -1)  # (1, P + K')
+        if index.shape[1] == num_prefix + width:
+            return index, None
+    order, filled = _front(keep, width)  # (B, width) each
+    prefix = torch.arange(num_prefix, device=keep.device).expand(keep.shape[0], num_prefix)
+    return torch.cat([prefix, order + num_prefix], dim=1), F.pad(filled, (num_prefix, 0), value=True)
+
+
 def _fuse(x_kept: torch.Tensor, size_kept: torch.Tensor, x_in: torch.Tensor, w_in: torch.Tensor,
-          metric_in: torch.Tensor, metric_kept: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+          metric_in: torch.Tensor, metric_kept: torch.Tensor, num_prefix: int, all_filled: bool = False
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Average every weighted input token (``w_in`` > 0: the dropped ones) into its most similar filled kept patch
     slot, by size: returns the new (B, L', C) tokens and (B, L') sizes.
 
     x_kept (B, L', C), size_kept (B, L'), x_in (B, N, C), w_in (B, N), metric_in (B, N, D), metric_kept (B, L', D);
-    the first ``num_prefix`` kept slots (class token, ...) never absorb a token.
+    the first ``num_prefix`` kept slots (class token, ...) never absorb a token. ``all_filled``: the caller knows
+    every kept patch slot is filled (no mask needed).
     """
     with torch.no_grad():  # the matching is a discrete choice
-        sim = metric_in @ metric_kept.transpose(1, 2)  # (B, N, L')
-        absorbs = F.pad(size_kept[:, num_prefix:] > 0, (num_prefix, 0), value=False)  # (B, L')
-        target = sim.masked_fill(~absorbs[:, None, :], float("-inf")).argmax(dim=-1)  # (B, N)
+        if all_filled:
+            sim = metric_in @ metric_kept[:, num_prefix:].transpose(1, 2)  # (B, N, L' - P)
+            target = sim.argmax(dim=-1) + num_prefix  # (B, N)
+        else:
+            sim = metric_in @ metric_kept.transpose(1, 2)  # (B, N, L')
+            absorbs = F.pad(size_kept[:, num_prefix:] > 0, (num_prefix, 0), value=False)  # (B, L')
+            target = sim.masked_fill(~absorbs[:, None, :], float("-inf")).argmax(dim=-1)  # (B, N)
     B, width, C = x_kept.shape
     rows = _flat_rows(target, width)  # (B·N,) the flat kept slot of each input token
     total = (x_kept * size_kept[..., None]).reshape(B * width, C)  # (B·L', C), this call's own buffer
@@ -181,14 +204,13 @@ def padded_block_forward(block: nn.Module, slots: Slots, num_prefix: int, propor
             keep = keep_fn(scores, valid) & valid
             if width is None:
                 width = int(keep.sum(dim=1).max())
-            order, filled = _front(keep, width)  # (B, width) each
-            prefix = torch.arange(P, device=x.device).expand(B, P)
-            index = torch.cat([prefix, order + P], dim=1)  # (B, P + width)
+            index, filled = _kept_index(keep, width, P)  # (B, P + width) each, or no mask when all are filled
         q = _gather(q, index, dim=2)  # (B, H, P + width, D)
         if getattr(attn, "gate", None) is not None:  # only a gated attention reads the kept tokens' h
             h = _gather(h, index)
-        x, ids = _gather(x, index), _gather(ids, index)
-        size = _gather(size, index) * F.pad(filled, (P, 0), value=True)  # (B, P + width), 0 for empty slots
+        x, ids, size = _gather(x, index), _gather(ids, index), _gather(size, index)  # (B, P + width, ...)
+        if filled is not None:  # empty slots: size 0, no patch index
+            size, ids = size * filled, ids.masked_fill(~filled, -1)
 
     bias = _with_positions(key_bias, ops.position_bias(block, ids, slots.ids))  # (B, H|1, L', L)
     dropout_p = attn.attn_drop.p if attn.training else 0.0
@@ -198,6 +220,7 @@ def padded_block_forward(block: nn.Module, slots: Slots, num_prefix: int, propor
     if keep_fn is not None and fuse:
         dropped = valid & ~keep  # (B, L - P)
         weight = torch.where(dropped, slots.size[:, P:], 0.0)  # (B, L - P)
-        x, size = _fuse(x, size, slots.x[:, P:], weight, metric[:, P:], _gather(metric, index), P)
+        x, size = _fuse(x, size, slots.x[:, P:], weight, metric[:, P:], _gather(metric, index), P,
+                        all_filled=filled is None)
     x = x + block.drop_path2(ops.scale2(block, block.mlp(block.norm2(x))))
-    return Slots(x, size, ids.masked_fill(size == 0, -1))
+    return Slots(x, size, ids)
