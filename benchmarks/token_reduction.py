@@ -2,6 +2,7 @@
 
     python benchmarks/token_reduction.py accuracy --model fmnist_deit_p4 --limit 10000 --json tr.json [--png tr.png]
     python benchmarks/token_reduction.py speed --model deit_small_patch16_224 --batch 1 64 [--json speed.json]
+    python benchmarks/token_reduction.py speed --batch 1 --compile --methods tome ats-topk-fused-r6
 
 ``accuracy`` (a zoo model on the first ``--limit`` Fashion-MNIST test images) writes a JSON list of rows
 ``{"method", "setting", "gmacs", "dense_gmacs", "top1"}`` (GMACs per image, FlopCounterMode, mean over the first
@@ -30,7 +31,8 @@ Methods (ATS: Fayyaz et al., ECCV 2022; ToMe: Bolya et al., ICLR 2023; options i
 facebookresearch/ToMe, also the released ToMe at the same r as ravit's, ``tome-released``), and prints images/s,
 the speed-up, the GMACs ratio and the speed-up over the GMACs gain; at batch 1 also each ATS setting's share of its
 zero-overhead ceiling (``benchmarks/ats_speed.py``: the same per-block token counts as free prefix slices, no
-selection).
+selection). ``--compile`` times every model (dense and ceilings included) under ``torch.compile``; ``--methods``
+times a subset.
 ATS runs as ``static=True`` where the mode allows (fixed shapes, one batched attention call); ``ats`` and
 ``ats-linear`` (inverse transform, adaptive counts) run on their ragged path.
 A zoo name runs on Fashion-MNIST test images, any other timm name on random weights and images.
@@ -213,9 +215,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6))
-    colors = dict(zip(dict.fromkeys(r["method"] for r in rows), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2,
-                      strict=False))
+    fig, ax = plt.subplots(figsize=(12, 6))
+    # the cycle's colours for the reduction methods; dense and ToMe are drawn in black (a star, a thick line)
+    reducing = dict.fromkeys(r["method"] for r in rows if r["method"] not in ("dense", "tome"))
+    colors = dict(zip(reducing, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2, strict=False))
     # one line per method and placement ("1-3" of the setting "1-3:12"), so a curve never jumps between placements
     groups = dict.fromkeys((r["method"], _placement(r["setting"])) for r in rows)
     styles = ("-", "--", ":")
@@ -224,11 +227,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                      and _placement(r["setting"]) == placement)
         xs, ys, labels = zip(*pts, strict=True)
         rank = [p for m, p in groups if m == method].index(placement)
-        style = dict(color=colors[method], marker="o", linestyle=styles[rank % len(styles)])
+        style = dict(color=colors.get(method, "black"), marker="o", linestyle=styles[rank % len(styles)])
         if method == "dense":
             style.update(marker="*", markersize=12, linestyle="none")
         if method == "tome":
-            style.update(color="black", linewidth=2)
+            style.update(linewidth=2)
         name = f"{method} (blocks {placement})" if placement else method
         ax.plot(xs, ys, label=name, **style)
         for x, y, label in zip(xs, ys, labels, strict=True):
@@ -239,7 +242,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, off the points
     dense = next(r["top1"] for r in rows if r["method"] == "dense")
     ax.set_ylim(max(0.0, dense - 25), dense + 2)
     fig.tight_layout()
@@ -278,12 +281,14 @@ def accuracy(args: argparse.Namespace) -> None:
     print(f"wrote {args.json} and {png}")
 
 
-def _nearest(model: torch.nn.Module, probe: torch.Tensor, targets: list[float]) -> list[tuple[float, Method, float]]:
-    """For each method and target ratio, the setting whose GMACs ratio on ``probe`` is nearest."""
+def _nearest(model: torch.nn.Module, probe: torch.Tensor, targets: list[float], only: list[str] | None = None
+             ) -> list[tuple[float, Method, float]]:
+    """For each method (those named in ``only``, if given) and target ratio, the setting whose GMACs ratio on
+    ``probe`` is nearest."""
     dense = count_gmacs(model, probe[:1])
     ratios: dict[str, list[tuple[float, Method]]] = {}
     for m in methods(model):
-        if m.method != "dense":
+        if m.method != "dense" and (only is None or m.method in only):
             ratios.setdefault(m.method, []).append((_gmacs(m.apply(copy.deepcopy(model)), probe) / dense, m))
     return [(t, *min(points, key=lambda p: abs(p[0] - t))[::-1]) for t in targets for points in ratios.values()]
 
@@ -317,14 +322,19 @@ def speed(args: argparse.Namespace) -> None:
     shape = (size.in_chans, *size.size)
     gen = torch.Generator().manual_seed(0)
     probe = _test_images(model, args.probe)[0] if zoo else torch.randn(args.probe, *shape, generator=gen)
-    chosen = _nearest(model, probe, args.targets)
+    known = {m.method for m in methods(model)} - {"dense"}
+    if args.methods is not None and not set(args.methods) <= known:
+        raise InvalidArgumentError(f"--methods: unknown {sorted(set(args.methods) - known)}; choose from "
+                                   f"{sorted(known)}")
+    chosen = _nearest(model, probe, args.targets, args.methods)
     if args.tome_src:  # the released ToMe at the r of ravit's (same merges, so the same GMACs), timed beside it
         apply = released_tome(args.tome_src)
         chosen += [(t, Method("tome-released", m.setting, lambda net, r=m.setting: apply(net, r)), ratio)
                    for t, m, ratio in chosen if m.method == "tome"]
         chosen.sort(key=lambda c: -c[0])
     print(f"{args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads; {args.runs} interleaved "
-          f"timed calls per method after one warm-up, medians")
+          f"timed calls per method after one warm-up, medians" + ("; every model torch.compile'd" if args.compile
+                                                                  else ""))
     results = []
     with torch.inference_mode():
         for batch in args.batch:
@@ -338,6 +348,8 @@ def speed(args: argparse.Namespace) -> None:
                         counts = trace(reduced, images, count_gmacs=False).kept_tokens[0].tolist()
                         kept = dict(zip(reduced.ats_config.blocks, counts, strict=True))
                         models[("ceiling " + method, setting)] = ceiling_forward(model, kept)
+            if args.compile:  # inductor; each model compiles in the untimed warm-up round
+                models = {key: torch.compile(mod) for key, mod in models.items()}
             times = {key: [] for key in models}
             for i in range(args.runs + 1):
                 for key, mod in models.items():
@@ -361,7 +373,7 @@ def speed(args: argparse.Namespace) -> None:
                       f"{ips / dense * ratio:13.2f}" + (f" {ips / ceiling:10.2f}" if ceiling else ""))
     if args.json:
         write_json(args.json, dict(model=args.model, torch=torch.__version__, threads=torch.get_num_threads(),
-                                   runs=args.runs, results=results))
+                                   runs=args.runs, compiled=args.compile, results=results))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -381,6 +393,12 @@ def main(argv: list[str] | None = None) -> None:
     spd.add_argument("--probe", type=int, default=4, help="images on which settings are matched to the targets")
     spd.add_argument("--runs", type=int, default=5)
     spd.add_argument("--json", default=None)
+    spd.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                     help="time only these methods beside dense (default: all); tome also brings tome-released")
+    spd.add_argument("--compile", action="store_true",
+                     help="time every model (dense, the ceilings, each method) under torch.compile (inductor): at "
+                     "batch 1 this removes the per-op dispatch that dominates the eager ATS blocks; static ATS and "
+                     "ToMe compile without graph breaks")
     spd.add_argument("--tome-src", default=None,
                      help="a clone of facebookresearch/ToMe: also time the released ToMe at ravit ToMe's r")
     for p in (acc, spd):
