@@ -131,31 +131,23 @@ def test_ats_on_fan_holds_when_either_ats_mode_reaches_tome():
     assert "default budget" not in result["ats-on-fan"]["measured"]  # no 'all' point on this FAN curve
 
 
-def test_ats_vs_tome_holds_when_only_the_flattened_mode_reaches_tome():
+@pytest.mark.parametrize("method,vit_points,fan_points,winner,loser", [
+    ("ats_flat_fused", [(0.5, 0.97), (0.6, 0.97)], [(0.5, 0.76), (0.7, 0.82)],
+     ("ATS on score^0.5 fused + linear +", "ATS on FAN score^0.5 fused + linear +"), "ATS Top-K fused + linear −"),
+    ("ats_redundant_fused", [(0.55, 0.97), (0.75, 0.97)], [(0.55, 0.80), (0.75, 0.84)],
+     ("ATS Top-K redundancy 6 fused + linear +", "ATS on FAN Top-K redundancy 6 fused + linear +"),
+     "ATS on score^0.5 fused + linear −"),
+])
+def test_ats_vs_tome_holds_when_only_one_of_ravits_modes_reaches_tome(method, vit_points, fan_points, winner, loser):
     s = summary(good=False)
-    for key, points in (("token_reduction", [(0.5, 0.97), (0.6, 0.97)]), ("token_reduction_fan", [(0.5, 0.76),
-                                                                                                  (0.7, 0.82)])):
-        s[key]["rows"] = [r for r in s[key]["rows"] if r["method"] != "ats_flat_fused"]
-        s[key]["rows"] += curve("ats_flat_fused", points)
+    assert not {c["id"]: c for c in claims(s)}["ats-vs-tome"]["holds"]
+    for key, points in (("token_reduction", vit_points), ("token_reduction_fan", fan_points)):
+        s[key]["rows"] = [r for r in s[key]["rows"] if r["method"] != method]
+        s[key]["rows"] += curve(method, points)
     result = {c["id"]: c for c in claims(s)}
     assert result["ats-vs-tome"]["holds"] and result["ats-on-fan"]["holds"]
-    assert "ATS on score^0.5 fused + linear +" in result["ats-vs-tome"]["measured"]
-    assert "ATS Top-K fused + linear −" in result["ats-vs-tome"]["measured"]
-    assert "ATS on FAN score^0.5 fused + linear +" in result["ats-on-fan"]["measured"]
-
-
-def test_ats_vs_tome_holds_when_only_the_redundancy_mode_reaches_tome():
-    s = summary(good=False)
-    for key, points in (("token_reduction", [(0.55, 0.97), (0.75, 0.97)]), ("token_reduction_fan", [(0.55, 0.80),
-                                                                                                    (0.75, 0.84)])):
-        s[key]["rows"] = [r for r in s[key]["rows"] if r["method"] != "ats_redundant_fused"]
-        s[key]["rows"] += curve("ats_redundant_fused", points)
-    result = {c["id"]: c for c in claims(s)}
-    assert result["ats-vs-tome"]["holds"] and result["ats-on-fan"]["holds"]
-    assert "ATS Top-K redundancy 6 fused + linear +" in result["ats-vs-tome"]["measured"]
-    assert "ATS on score^0.5 fused + linear −" in result["ats-vs-tome"]["measured"]
-    assert "ATS on FAN Top-K redundancy 6 fused + linear +" in result["ats-on-fan"]["measured"]
-    assert not {c["id"]: c for c in claims(summary(good=False))}["ats-vs-tome"]["holds"]
+    assert winner[0] in result["ats-vs-tome"]["measured"] and loser in result["ats-vs-tome"]["measured"]
+    assert winner[1] in result["ats-on-fan"]["measured"]
 
 
 @pytest.mark.parametrize("kwargs", [dict(budget=None), dict(budget=0.6, sampler="topk"), dict(budget=[20, 9, 4])])
