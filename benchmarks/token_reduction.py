@@ -281,14 +281,14 @@ def accuracy(args: argparse.Namespace) -> None:
     print(f"wrote {args.json} and {png}")
 
 
-def _nearest(model: torch.nn.Module, probe: torch.Tensor, targets: list[float], only: list[str] | None = None
+def _nearest(model: torch.nn.Module, probe: torch.Tensor, targets: list[float], candidates: list[Method]
              ) -> list[tuple[float, Method, float]]:
-    """For each method (those named in ``only``, if given) and target ratio, the setting whose GMACs ratio on
-    ``probe`` is nearest."""
+    """For each method among ``candidates`` and target ratio, the setting whose GMACs ratio on ``probe`` is
+    nearest."""
     dense = count_gmacs(model, probe[:1])
     ratios: dict[str, list[tuple[float, Method]]] = {}
-    for m in methods(model):
-        if m.method != "dense" and (only is None or m.method in only):
+    for m in candidates:
+        if m.method != "dense":
             ratios.setdefault(m.method, []).append((_gmacs(m.apply(copy.deepcopy(model)), probe) / dense, m))
     return [(t, *min(points, key=lambda p: abs(p[0] - t))[::-1]) for t in targets for points in ratios.values()]
 
@@ -322,11 +322,13 @@ def speed(args: argparse.Namespace) -> None:
     shape = (size.in_chans, *size.size)
     gen = torch.Generator().manual_seed(0)
     probe = _test_images(model, args.probe)[0] if zoo else torch.randn(args.probe, *shape, generator=gen)
-    known = {m.method for m in methods(model)} - {"dense"}
+    candidates = list(methods(model))
+    known = {m.method for m in candidates} - {"dense"}
     if args.methods is not None and not set(args.methods) <= known:
         raise InvalidArgumentError(f"--methods: unknown {sorted(set(args.methods) - known)}; choose from "
                                    f"{sorted(known)}")
-    chosen = _nearest(model, probe, args.targets, args.methods)
+    chosen = _nearest(model, probe, args.targets,
+                      [m for m in candidates if args.methods is None or m.method in args.methods])
     if args.tome_src:  # the released ToMe at the r of ravit's (same merges, so the same GMACs), timed beside it
         apply = released_tome(args.tome_src)
         chosen += [(t, Method("tome-released", m.setting, lambda net, r=m.setting: apply(net, r)), ratio)

@@ -106,16 +106,27 @@ def _gather(t: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return t.gather(dim, index.expand(*t.shape[:dim], width, *t.shape[dim + 1:]))
 
 
-def _front(keep: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slot order putting each row's kept entries first, in input order: (B, width) indices and their fill mask."""
+def _one_eager_image(keep: torch.Tensor) -> bool:
+    """True for one image outside graph capture: its kept slots can come from a ``nonzero`` (a data-dependent
+    shape, which export and compile must not see)."""
+    return keep.shape[0] == 1 and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
+def _front_by_rank(keep: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_front` for any batch, with shapes that depend on ``width`` only."""
     n = keep.shape[1]
-    if keep.shape[0] == 1 and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):  # one image, filling
-        order = keep[0].nonzero().view(1, -1)  # (1, K')
-        if order.shape[1] == width:
-            return order, keep.new_ones(1, width)
     rank = torch.arange(n, device=keep.device).expand_as(keep) + (~keep).long() * n  # kept: index; others: after
     order = rank.topk(width, dim=1, largest=False, sorted=True).indices  # (B, width)
     return order, keep.gather(1, order)
+
+
+def _front(keep: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot order putting each row's kept entries first, in input order: (B, width) indices and their fill mask."""
+    if _one_eager_image(keep):  # one image filling the width
+        order = keep[0].nonzero().view(1, -1)  # (1, K')
+        if order.shape[1] == width:
+            return order, keep.new_ones(1, width)
+    return _front_by_rank(keep, width)
 
 
 def _kept_index(keep: torch.Tensor, width: int, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -126,11 +137,11 @@ def _kept_index(keep: torch.Tensor, width: int, num_prefix: int) -> tuple[torch.
     One image whose kept count is the width (always so unless a static K exceeds the tokens left) takes two ops, a
     pad and a ``nonzero``, and needs no mask: at batch 1 an ATS block's cost is its op count.
     """
-    if keep.shape[0] == 1 and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+    if _one_eager_image(keep):
         index = F.pad(keep, (num_prefix, 0), value=True)[0].nonzero().view(1, -1)  # (1, P + K')
         if index.shape[1] == num_prefix + width:
             return index, None
-    order, filled = _front(keep, width)  # (B, width) each
+    order, filled = _front_by_rank(keep, width)  # (B, width) each
     prefix = torch.arange(num_prefix, device=keep.device).expand(keep.shape[0], num_prefix)
     return torch.cat([prefix, order + num_prefix], dim=1), F.pad(filled, (num_prefix, 0), value=True)
 
