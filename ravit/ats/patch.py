@@ -21,7 +21,7 @@ from ravit.ats.block import Tokens, block_forward, unpack
 from ravit.ats.config import ATSConfig, Budget, Sampler
 from ravit.ats.fan import channel_forward, class_attention, dense_slots, fan_check, mixing_forward
 from ravit.ats.hosts import HOSTS, Host, host_of
-from ravit.ats.padded import Slots, padded_block_forward, to_tokens
+from ravit.ats.padded import Slots, filled_topk_forward, one_eager_image, padded_block_forward, to_tokens
 from ravit.ats.sampling import samples_per_image, static_sampler
 from ravit.errors import InvalidArgumentError
 from ravit.models.fan import FAN
@@ -171,16 +171,23 @@ def _padded_features(model: nn.Module, host: Host, x: torch.Tensor, positions: o
     slots = Slots(x, x.new_ones(B, N, dtype=torch.float32), patch_ids.expand(B, N))
     budgets = dict(zip(cfg.blocks, cfg.budgets, strict=True))
     sampler = cfg.sampler_fn()
+    fused, value_norm = cfg.fuse != "none", cfg.score == "attention_value"
+    # static Top-K keeps every slot of one image filled: the lean route (same result, fewer ops per ATS block)
+    filled_topk = cfg.static and cfg.sampler == "topk" and one_eager_image(x)
     for i in range(cfg.blocks[0], len(model.blocks)):
-        keep_fn, width = None, None
-        if i in budgets:
-            keep_fn, width = _block_keep(cfg, sampler, budgets[i], N - P, slots.x.shape[1] - P)
         ops = host.block_ops(model, i, positions)
-        args = (model.blocks[i], slots, P, cfg.fuse != "none", keep_fn, width, cfg.fuse != "none", ops,
-                cfg.score == "attention_value", cfg.redundancy)
-        slots = checkpoint(padded_block_forward, *args, use_reentrant=False) if use_checkpoint else \
-            padded_block_forward(*args)
-        if record is not None and keep_fn is not None:
+        if i in budgets and filled_topk:
+            width = min(budgets[i], slots.x.shape[1] - P)
+            forward, args = filled_topk_forward, (model.blocks[i], slots, P, width, fused, ops, value_norm,
+                                                  cfg.redundancy)
+        else:
+            keep_fn, width = None, None
+            if i in budgets:
+                keep_fn, width = _block_keep(cfg, sampler, budgets[i], N - P, slots.x.shape[1] - P)
+            forward, args = padded_block_forward, (model.blocks[i], slots, P, fused, keep_fn, width, fused, ops,
+                                                   value_norm, cfg.redundancy)
+        slots = checkpoint(forward, *args, use_reentrant=False) if use_checkpoint else forward(*args)
+        if record is not None and i in budgets:
             record.append(to_tokens(slots))
     return model.norm(slots.x) * (slots.size > 0)[..., None].to(slots.x.dtype)  # (B, L, C), zero in empty slots
 
