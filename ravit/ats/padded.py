@@ -271,10 +271,10 @@ def filled_topk_forward(block: nn.Module, slots: Slots, num_prefix: int, width: 
     Static Top-K keeps exactly ``width`` of the filled patch slots, so no slot is ever empty: no validity masks, no
     fill mask, no key mask (only log(size) with fusion), and the kept slots are the first ``width`` of one stable
     sort (ties to the earlier token, as :func:`~ravit.ats.sampling.topk_sampling`), put back in input order; the rest
-    of that sort are the dropped tokens, so fusion matches only those (not every token with weight 0), and with the
-    redundancy discount one (N, N) similarity serves the discount and the matching. Written beside the general
+    of that sort are the dropped tokens, so fusion matches and averages only those (not every token with weight 0,
+    and no pass over every kept slot). Written beside the general
     executor because at batch 1 an ATS block's cost is its op count: measured on DeiT-S (fused Top-K, redundancy 6,
-    every block), 74 ops per ATS block beyond the zero-overhead ceiling's instead of 103, at ~8 µs each in the model
+    every block), 73 ops per ATS block beyond the zero-overhead ceiling's instead of 103, at ~8 µs each in the model
     on CPU. Graph capture keeps the general path (its stable sort exports; ``torch.sort(stable=True)`` does not).
 
     Arguments as :func:`padded_block_forward`; ``width`` <= the patch slots of ``slots``.
@@ -289,9 +289,8 @@ def filled_topk_forward(block: nn.Module, slots: Slots, num_prefix: int, width: 
         cls_bias = _plus(key_bias, ops.position_bias(block, ids[:, :1], ids))  # (1, H|1, 1, L) or None
         scores = _image_scores(q, k, v, cls_bias, block.attn.scale, value_norm)[P:]  # (N,) N = L - P
         patches = _metric(k)[0, P:] if fuse or redundancy else None  # (N, D)
-        sim = patches @ patches.T if redundancy else None  # (N, N) cosine of every pair, token order
         if redundancy:
-            scores = _image_discount(scores, sim, redundancy)
+            scores = _image_discount(scores, patches, redundancy)
         ranked = torch.sort(scores, descending=True, stable=True).indices  # (N,) best first, ties to the earlier
         kept, dropped = ranked[:width].sort().values, ranked[width:]  # (width,) in input order, (N - width,)
         index = torch.cat((torch.arange(P, device=kept.device), kept + P))  # (P + width,)
@@ -303,28 +302,24 @@ def filled_topk_forward(block: nn.Module, slots: Slots, num_prefix: int, width: 
     x = _attention_residual(block, ops, q, k, v, bias, h, x)  # (1, P + width, C)
     if fuse:
         with torch.no_grad():  # each dropped token's slot: its most similar kept token
-            if redundancy:
-                sim = sim.index_select(0, dropped).index_select(1, kept)  # (N - width, width)
-            else:
-                sim = patches.index_select(0, dropped) @ patches.index_select(0, kept).T
+            sim = patches.index_select(0, dropped) @ patches.index_select(0, kept).T  # (N - width, width)
             target = sim.max(dim=1).indices + P  # (N - width,)
         weight = slots.size[0].index_select(0, dropped + P)  # (N - width,) the dropped tokens' sizes
-        absorbed = slots.x.index_select(1, dropped + P) * weight[:, None].to(x.dtype)  # (1, N - width, C)
-        total = (x * size[..., None]).index_add_(1, target, absorbed)  # (1, P + width, C)
-        size = size.index_add(1, target, weight[None])  # (1, P + width)
-        x = total / size[..., None].to(total.dtype)
+        size = size.index_add(1, target, weight[None])  # (1, P + width) sizes after the merge
+        # the size-weighted average (s x + sum w_j x_j) / (s + sum w_j), written as x + sum (w_j / S)(x_j - x) so
+        # that only the dropped tokens' rows are computed (no pass over every kept slot)
+        pull = (weight / size[0].index_select(0, target))[:, None].to(x.dtype)  # (N - width, 1)
+        x = x.index_add_(1, target, (slots.x.index_select(1, dropped + P) - x.index_select(1, target)) * pull)
     return Slots(_mlp_residual(block, ops, x), size, ids)
 
 
-def _image_discount(scores: torch.Tensor, sim: torch.Tensor, gamma: float) -> torch.Tensor:
-    """:func:`~ravit.ats.sampling.redundancy_discount` of one image's (N,) scores, every token valid, from the (N, N)
-    similarities of its tokens in token order (the ones fusion then reads): a token's cover is its largest
-    similarity to a token ranking above it (higher score, ties to the earlier token), by rank comparison."""
-    order = torch.sort(scores, descending=True, stable=True).indices  # (N,) rank order
-    rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))  # (N,)
-    above = rank[None, :] < rank[:, None]  # (N, N): [i, j] is True when token j ranks above token i
-    covered = torch.where(above, sim.float(), 0.0).amax(dim=1).clamp(0.0, 1.0)  # (N,)
-    return scores * (1.0 - covered) ** gamma
+def _image_discount(scores: torch.Tensor, patches: torch.Tensor, gamma: float) -> torch.Tensor:
+    """:func:`~ravit.ats.sampling.redundancy_discount` of one image's (N,) scores, every token valid, from its (N, D)
+    unit metric: the same rank order (one stable sort), lower triangle and cover, without the validity mask."""
+    order = torch.sort(scores, descending=True, stable=True).indices  # (N,) rank order, ties to the earlier token
+    ranked = patches.index_select(0, order)  # (N, D)
+    covered = torch.tril(ranked @ ranked.T, diagonal=-1).float().amax(dim=1).clamp(0.0, 1.0)  # (N,) in rank order
+    return scores * torch.empty_like(covered).scatter_(0, order, (1.0 - covered) ** gamma)
 
 
 def _image_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
