@@ -24,7 +24,9 @@ Methods (ATS: Fayyaz et al., ECCV 2022; ToMe: Bolya et al., ICLR 2023; options i
 - ``ats-topk-fused-r6``: ``ats-topk-fused`` with ``redundancy=6`` (a token's score times (1 - its largest key
   similarity to a more important token)^6: near-duplicates of kept tokens go first and merge into them), from
   blocks 0, 1 and one before the paper's first ATS block to the last block, and from block 0 to the one before it
-  (``"0-10:K"`` on 12 blocks: the last block keeps K tokens), to K in the same finals plus 1.
+  (``"0-10:K"`` on 12 blocks: the last block keeps K tokens), to K in the same finals plus 1;
+  ``ats-topk-fused-r6-alt``: the same on every other block (``"1-11/2:K"``: blocks 1, 3, ..., 11), half the ATS
+  blocks' fixed cost at batch 1 for larger cuts per block.
 
 ``speed`` times dense and, for each method, the setting whose GMACs ratio is nearest each ``--targets`` value
 (found on ``--probe`` images), interleaved call by call on the same batch (with ``--tome-src DIR``, a clone of
@@ -144,6 +146,13 @@ def _all_methods(model: torch.nn.Module) -> Iterator[Method]:
             yield Method(f"ats-topk-fused-r{REDUNDANCY:g}", f"{start}-{end}:{k}", lambda m, s=start, e=end, k=k:
                          apply_ats(m, blocks=range(s, e + 1), budget=k, sampler="topk", schedule="linear",
                                    fuse="nearest", static=True, redundancy=REDUNDANCY))
+    # every other block: half the ATS blocks, so half their fixed per-block cost at batch 1, each cutting twice as much
+    for start in range(min(2, depth)):
+        blocks = range(start, depth, 2)
+        for k in sorted({*finals, 1}, reverse=True):
+            yield Method(f"ats-topk-fused-r{REDUNDANCY:g}-alt", f"{start}-{blocks[-1]}/2:{k}",
+                         lambda m, b=blocks, k=k: apply_ats(m, blocks=b, budget=k, sampler="topk", schedule="linear",
+                                                            fuse="nearest", static=True, redundancy=REDUNDANCY))
 
 
 def _zoo_or_timm(name: str) -> tuple[torch.nn.Module, bool]:
@@ -264,7 +273,8 @@ def accuracy(args: argparse.Namespace) -> None:
     images, labels = _test_images(model, args.limit)
     dense_gmacs = count_gmacs(model, images[:1])
     rows = []
-    for m in tqdm(list(methods(model)), desc=f"{args.model} · accuracy", disable=not args.progress):
+    chosen = _only(list(methods(model)), args.methods)
+    for m in tqdm(chosen, desc=f"{args.model} · accuracy", disable=not args.progress):
         reduced = m.apply(copy.deepcopy(model))
         gmacs = _gmacs(reduced, images[: args.gmacs_images])
         rows.append(dict(method=m.method, setting=m.setting, gmacs=gmacs, dense_gmacs=dense_gmacs,
@@ -279,6 +289,14 @@ def accuracy(args: argparse.Namespace) -> None:
         verdict = "" if tome is None or ats is None else ("  >= ToMe" if ats >= tome else "  < ToMe")
         print(f"{ratio:6.2f} {_fmt(tome):>7} {_fmt(ats):>9}  {label}{verdict}")
     print(f"wrote {args.json} and {png}")
+
+
+def _only(candidates: list[Method], names: list[str] | None) -> list[Method]:
+    """Dense and the settings of the methods ``names`` (None: every method); an unknown name is refused."""
+    known = {m.method for m in candidates} - {"dense"}
+    if names is not None and not set(names) <= known:
+        raise InvalidArgumentError(f"--methods: unknown {sorted(set(names) - known)}; choose from {sorted(known)}")
+    return [m for m in candidates if names is None or m.method in (*names, "dense")]
 
 
 def _nearest(model: torch.nn.Module, probe: torch.Tensor, targets: list[float], candidates: list[Method]
@@ -322,13 +340,7 @@ def speed(args: argparse.Namespace) -> None:
     shape = (size.in_chans, *size.size)
     gen = torch.Generator().manual_seed(0)
     probe = _test_images(model, args.probe)[0] if zoo else torch.randn(args.probe, *shape, generator=gen)
-    candidates = list(methods(model))
-    known = {m.method for m in candidates} - {"dense"}
-    if args.methods is not None and not set(args.methods) <= known:
-        raise InvalidArgumentError(f"--methods: unknown {sorted(set(args.methods) - known)}; choose from "
-                                   f"{sorted(known)}")
-    chosen = _nearest(model, probe, args.targets,
-                      [m for m in candidates if args.methods is None or m.method in args.methods])
+    chosen = _nearest(model, probe, args.targets, _only(list(methods(model)), args.methods))
     if args.tome_src:  # the released ToMe at the r of ravit's (same merges, so the same GMACs), timed beside it
         apply = released_tome(args.tome_src)
         chosen += [(t, Method("tome-released", m.setting, lambda net, r=m.setting: apply(net, r)), ratio)
@@ -395,6 +407,8 @@ def main(argv: list[str] | None = None) -> None:
     spd.add_argument("--probe", type=int, default=4, help="images on which settings are matched to the targets")
     spd.add_argument("--runs", type=int, default=5)
     spd.add_argument("--json", default=None)
+    acc.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                     help="measure only these methods beside dense (default: all)")
     spd.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                      help="time only these methods beside dense (default: all); tome also brings tome-released")
     spd.add_argument("--compile", action="store_true",
