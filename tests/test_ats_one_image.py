@@ -67,7 +67,7 @@ def test_ties_go_to_the_earlier_token(redundancy):
 
 def _general(monkeypatch):
     """Force the general padded executor for one image (the lean route's reference)."""
-    monkeypatch.setattr(ats_patch, "one_eager_image", lambda x: False)
+    monkeypatch.setattr(ats_patch, "one_image_route", lambda x: False)
 
 
 HOSTS = ["vit", "vit_registers", "eva02", "eva_reg_layerscale_unfused", "eva_rope_mixed", "beit", "beit_shared",
@@ -127,3 +127,42 @@ def test_one_image_training_gives_the_general_gradients(monkeypatch, name):
     assert grads_lean.keys() == grads_general.keys() and len(grads_lean) > 0
     for key, grad in grads_lean.items():
         torch.testing.assert_close(grad, grads_general[key], atol=1e-4, rtol=1e-4)
+
+
+def _static_fused_zoo() -> torch.nn.Module:
+    import ravit
+
+    model = ravit.create_model("fmnist_deit_p4", pretrained=True).eval()
+    return apply_ats(model, blocks=[0, 1, 2, 3], budget=2, sampler="topk", schedule="linear", fuse="nearest",
+                     static=True, redundancy=6.0)
+
+
+def test_one_image_exports_on_the_general_path_and_matches_the_lean_route(monkeypatch):
+    """torch.export of one image keeps the general executor (its stable sort has an ONNX form); the exported
+    program equals the eager lean route on another image."""
+    x, y = torch.randn(2, 1, 1, 28, 28, generator=torch.Generator().manual_seed(8))
+    model = _static_fused_zoo()
+    lean_calls = []
+    monkeypatch.setattr(ats_patch, "filled_topk_forward", lambda *a: lean_calls.append(1) or filled_topk_forward(*a))
+    exported = torch.export.export(model, (x,))
+    assert not lean_calls
+    with torch.no_grad():
+        eager = model(y)
+        assert len(lean_calls) == 4
+        torch.testing.assert_close(exported.module()(y), eager, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow  # ~20 s of compilation
+def test_one_image_compiles_the_lean_route_without_a_graph_break():
+    torch._dynamo.reset()
+    model = _static_fused_zoo()
+    x, y = torch.randn(2, 1, 1, 28, 28, generator=torch.Generator().manual_seed(9))
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        compiled(x)
+        torch.testing.assert_close(compiled(y), model(y), atol=1e-5, rtol=0)
+        graph = torch._dynamo.explain(model)(y)
+    assert graph.graph_break_count == 0
+    # the lean route sorts with torch.sort; the general one, while compiling, with comparisons (stable_sort)
+    assert any("sort" in str(node.target) for g in graph.graphs for node in g.graph.nodes
+               if node.op in ("call_function", "call_method"))

@@ -37,7 +37,7 @@ from ravit.ats.block import Tokens
 from ravit.ats.hosts import VIT_OPS, BlockOps
 from ravit.ats.sampling import redundancy_discount
 
-__all__ = ["Slots", "filled_topk_forward", "one_eager_image", "padded_block_forward", "to_tokens"]
+__all__ = ["Slots", "filled_topk_forward", "one_image_route", "padded_block_forward", "to_tokens"]
 
 Keep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -109,7 +109,14 @@ def _gather(t: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return t.gather(dim, index.expand(*t.shape[:dim], width, *t.shape[dim + 1:]))
 
 
-def one_eager_image(keep: torch.Tensor) -> bool:
+def one_image_route(x: torch.Tensor) -> bool:
+    """True when :func:`filled_topk_forward` may run ``x`` (B, L, C): one image, outside ``torch.export`` and
+    TorchScript tracing (their graphs keep the general path, whose stable sort ONNX translates); eager and
+    ``torch.compile`` take it."""
+    return x.shape[0] == 1 and not (torch.compiler.is_exporting() or torch.jit.is_tracing())
+
+
+def _one_eager_image(keep: torch.Tensor) -> bool:
     """True for one image outside graph capture: its kept slots can come from a ``nonzero`` (a data-dependent
     shape, which export and compile must not see)."""
     return keep.shape[0] == 1 and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
@@ -125,7 +132,7 @@ def _front_by_rank(keep: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.
 
 def _front(keep: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Slot order putting each row's kept entries first, in input order: (B, width) indices and their fill mask."""
-    if one_eager_image(keep):  # one image filling the width
+    if _one_eager_image(keep):  # one image filling the width
         order = keep[0].nonzero().view(1, -1)  # (1, K')
         if order.shape[1] == width:
             return order, keep.new_ones(1, width)
@@ -140,7 +147,7 @@ def _kept_index(keep: torch.Tensor, width: int, num_prefix: int) -> tuple[torch.
     One image whose kept count is the width (always so unless a static K exceeds the tokens left) takes two ops, a
     pad and a ``nonzero``, and needs no mask: at batch 1 an ATS block's cost is its op count.
     """
-    if one_eager_image(keep):
+    if _one_eager_image(keep):
         index = F.pad(keep, (num_prefix, 0), value=True)[0].nonzero().view(1, -1)  # (1, P + K')
         if index.shape[1] == num_prefix + width:
             return index, None
@@ -275,7 +282,8 @@ def filled_topk_forward(block: nn.Module, slots: Slots, num_prefix: int, width: 
     and no pass over every kept slot). Written beside the general
     executor because at batch 1 an ATS block's cost is its op count: measured on DeiT-S (fused Top-K, redundancy 6,
     every block), 73 ops per ATS block beyond the zero-overhead ceiling's instead of 103, at ~8 µs each in the model
-    on CPU. Graph capture keeps the general path (its stable sort exports; ``torch.sort(stable=True)`` does not).
+    on CPU. ``torch.compile`` compiles this route; ``torch.export`` and TorchScript tracing keep the general path
+    (:func:`one_image_route`), whose stable sort ONNX can translate.
 
     Arguments as :func:`padded_block_forward`; ``width`` <= the patch slots of ``slots``.
     """

@@ -21,7 +21,7 @@ from ravit.ats.block import Tokens, block_forward, unpack
 from ravit.ats.config import ATSConfig, Budget, Sampler
 from ravit.ats.fan import channel_forward, class_attention, dense_slots, fan_check, mixing_forward
 from ravit.ats.hosts import HOSTS, Host, host_of
-from ravit.ats.padded import Slots, filled_topk_forward, one_eager_image, padded_block_forward, to_tokens
+from ravit.ats.padded import Slots, filled_topk_forward, one_image_route, padded_block_forward, to_tokens
 from ravit.ats.sampling import samples_per_image, static_sampler
 from ravit.errors import InvalidArgumentError
 from ravit.models.fan import FAN
@@ -173,7 +173,7 @@ def _padded_features(model: nn.Module, host: Host, x: torch.Tensor, positions: o
     sampler = cfg.sampler_fn()
     fused, value_norm = cfg.fuse != "none", cfg.score == "attention_value"
     # static Top-K keeps every slot of one image filled: the lean route (same result, fewer ops per ATS block)
-    filled_topk = cfg.static and cfg.sampler == "topk" and one_eager_image(x)
+    filled_topk = cfg.static and cfg.sampler == "topk" and one_image_route(x)
     for i in range(cfg.blocks[0], len(model.blocks)):
         ops = host.block_ops(model, i, positions)
         if i in budgets and filled_topk:
