@@ -34,10 +34,9 @@ def _one_image_slots(P: int, L: int, C: int, case: str) -> Slots:
 @pytest.mark.parametrize("case", ["first_block", "sized", "ties"])
 @pytest.mark.parametrize("fuse,redundancy", [(False, 0.0), (True, 0.0), (False, 6.0), (True, 6.0)])
 @pytest.mark.parametrize("value_norm", [True, False])
-@pytest.mark.parametrize("P", [1, 3])
-def test_filled_block_equals_the_padded_block(case, fuse, redundancy, value_norm, P):
+@pytest.mark.parametrize("P,K", [(1, 9), (3, 9), (1, 30)])  # K = 30: every patch token kept, none to fuse
+def test_filled_block_equals_the_padded_block(case, fuse, redundancy, value_norm, P, K):
     block = peaky_vit().blocks[2]
-    K = 9
     slots = _one_image_slots(P, P + 30, 48, case)
     with torch.no_grad():
         lean = filled_topk_forward(block, slots, P, K, fuse, value_norm=value_norm, redundancy=redundancy)
