@@ -67,11 +67,6 @@ def _key_bias(size: torch.Tensor, proportional: bool, dtype: torch.dtype) -> tor
     return bias.to(dtype)[:, None, None, :]
 
 
-def _with_positions(key_bias: torch.Tensor, position_bias: torch.Tensor | None) -> torch.Tensor:
-    """The attention bias: the (B, 1, 1, L) key bias plus the host's (B, H, L', L) position bias, if any."""
-    return key_bias if position_bias is None else position_bias.to(key_bias.dtype) + key_bias
-
-
 def _scores(q_cls: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
             value_norm: bool) -> torch.Tensor:
     """(B, L) class-attention x value-norm scores (ATS Eq. 3; the attention alone without ``value_norm``) of
@@ -217,7 +212,7 @@ def padded_block_forward(block: nn.Module, slots: Slots, num_prefix: int, propor
         with torch.no_grad():  # scores and the matching only steer discrete choices
             valid = slots.size[:, P:] > 0  # (B, L - P)
             cls_positions = ops.position_bias(block, slots.ids[:, :1], slots.ids)  # (B, H, 1, L) or None
-            cls_bias = _with_positions(key_bias, cls_positions)  # (B, H|1, 1, L)
+            cls_bias = _plus(key_bias, cls_positions)  # (B, H|1, 1, L)
             scores = _scores(q[:, :, 0], k, v, cls_bias, attn.scale, value_norm)[:, P:]  # (B, L - P)
             metric = _metric(k) if fuse or redundancy else None  # (B, L, D)
             if redundancy:
@@ -233,7 +228,7 @@ def padded_block_forward(block: nn.Module, slots: Slots, num_prefix: int, propor
         if filled is not None:  # empty slots: size 0, no patch index
             size, ids = size * filled, ids.masked_fill(~filled, -1)
 
-    bias = _with_positions(key_bias, ops.position_bias(block, ids, slots.ids))  # (B, H|1, L', L)
+    bias = _plus(key_bias, ops.position_bias(block, ids, slots.ids))  # (B, H|1, L', L)
     x = _attention_residual(block, ops, q, k, v, bias, h, x)  # (B, L', C)
     if keep_fn is not None and fuse:
         dropped = valid & ~keep  # (B, L - P)
@@ -264,7 +259,8 @@ def _metric(k: torch.Tensor) -> torch.Tensor:
 
 
 def _plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    """a + b where either bias may be absent (None)."""
+    """The attention bias a + b (in a's dtype) of a key bias and the host's position bias, either of which may be
+    absent (None)."""
     if a is None or b is None:
         return b if a is None else a
     return a + b.to(a.dtype)
@@ -298,7 +294,7 @@ def filled_topk_forward(block: nn.Module, slots: Slots, num_prefix: int, width: 
         scores = _image_scores(q, k, v, cls_bias, block.attn.scale, value_norm)[P:]  # (N,) N = L - P
         patches = _metric(k)[0, P:] if fuse or redundancy else None  # (N, D)
         if redundancy:
-            scores = _image_discount(scores, patches, redundancy)
+            scores = redundancy_discount(scores[None], patches[None], None, redundancy)[0]
         ranked = torch.sort(scores, descending=True, stable=True).indices  # (N,) best first, ties to the earlier
         kept, dropped = ranked[:width].sort().values, ranked[width:]  # (width,) in input order, (N - width,)
         index = torch.cat((torch.arange(P, device=kept.device), kept + P))  # (P + width,)
@@ -312,22 +308,14 @@ def filled_topk_forward(block: nn.Module, slots: Slots, num_prefix: int, width: 
         with torch.no_grad():  # each dropped token's slot: its most similar kept token
             sim = patches.index_select(0, dropped) @ patches.index_select(0, kept).T  # (N - width, width)
             target = sim.max(dim=1).indices + P  # (N - width,)
-        weight = slots.size[0].index_select(0, dropped + P)  # (N - width,) the dropped tokens' sizes
+        rows = dropped + P  # (N - width,) the dropped tokens' slots in the block input
+        weight = slots.size[0].index_select(0, rows)  # (N - width,) their sizes
         size = size.index_add(1, target, weight[None])  # (1, P + width) sizes after the merge
         # the size-weighted average (s x + sum w_j x_j) / (s + sum w_j), written as x + sum (w_j / S)(x_j - x) so
         # that only the dropped tokens' rows are computed (no pass over every kept slot)
         pull = (weight / size[0].index_select(0, target))[:, None].to(x.dtype)  # (N - width, 1)
-        x = x.index_add_(1, target, (slots.x.index_select(1, dropped + P) - x.index_select(1, target)) * pull)
+        x = x.index_add_(1, target, (slots.x.index_select(1, rows) - x.index_select(1, target)) * pull)
     return Slots(_mlp_residual(block, ops, x), size, ids)
-
-
-def _image_discount(scores: torch.Tensor, patches: torch.Tensor, gamma: float) -> torch.Tensor:
-    """:func:`~ravit.ats.sampling.redundancy_discount` of one image's (N,) scores, every token valid, from its (N, D)
-    unit metric: the same rank order (one stable sort), lower triangle and cover, without the validity mask."""
-    order = torch.sort(scores, descending=True, stable=True).indices  # (N,) rank order, ties to the earlier token
-    ranked = patches.index_select(0, order)  # (N, D)
-    covered = torch.tril(ranked @ ranked.T, diagonal=-1).float().amax(dim=1).clamp(0.0, 1.0)  # (N,) in rank order
-    return scores * torch.empty_like(covered).scatter_(0, order, (1.0 - covered) ** gamma)
 
 
 def _image_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,

@@ -52,7 +52,7 @@ def class_attention_scores(
     return attn * v_norm
 
 
-def redundancy_discount(scores: torch.Tensor, metric: torch.Tensor, valid: torch.Tensor, gamma: float
+def redundancy_discount(scores: torch.Tensor, metric: torch.Tensor, valid: torch.Tensor | None, gamma: float
                         ) -> torch.Tensor:
     """Scores with redundant tokens discounted (ravit's ``redundancy`` option, a soft non-maximum suppression).
 
@@ -65,16 +65,19 @@ def redundancy_discount(scores: torch.Tensor, metric: torch.Tensor, valid: torch
     Args:
         scores: (B, N) non-negative scores of the candidate tokens.
         metric: (B, N, D) unit vectors (the keys averaged over heads, as fusion uses).
-        valid: (B, N) bool, the real candidates.
+        valid: (B, N) bool, the real candidates; None when every one is (no mask to apply).
         gamma: the exponent (> 0; larger suppresses near-duplicates harder).
 
     Returns:
         (B, N) discounted scores, <= ``scores``.
     """
-    D = metric.shape[-1]
     # rank order: valid tokens by falling score, ties to the earlier token (a stable sort), padding last
-    order = _export_sort()(scores.float().masked_fill(~valid, float("-inf")), descending=True)[1]  # (B, N)
-    ranked = metric.gather(1, order[..., None].expand(-1, -1, D))  # (B, N, D) metric in rank order
+    ranking = scores.float() if valid is None else scores.float().masked_fill(~valid, float("-inf"))
+    order = _export_sort()(ranking, descending=True)[1]  # (B, N)
+    if order.shape[0] == 1:  # one image: whole rows by index_select, no index expanded over the row
+        ranked = metric.index_select(1, order[0])  # (1, N, D) metric in rank order
+    else:
+        ranked = metric.gather(1, order[..., None].expand(-1, -1, metric.shape[-1]))  # (B, N, D)
     # row r keeps the similarities to the tokens ranked above it (columns < r); zeros elsewhere, which the clamp
     # below would give anyway
     sim = torch.tril(ranked @ ranked.transpose(1, 2), diagonal=-1)  # (B, N, N)
