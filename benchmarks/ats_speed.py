@@ -21,6 +21,7 @@ matmuls) and how much is ATS's own bookkeeping.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -143,13 +144,16 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=["fixed-K", "adaptive"], choices=["fixed-K", "adaptive"])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast on --device (GMACs stay fp32 counts)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
+    autocast = (torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16) if args.amp
+                else contextlib.nullcontext())
     if args.threads:
         torch.set_num_threads(args.threads)
     probe = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     print(f"{args.model}, ATS blocks {BLOCKS[0]}..{BLOCKS[-1]}, device {args.device}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, {'bf16 autocast' if args.amp else 'fp32'}")
 
     results = []
     for scenario in args.scenarios:
@@ -170,7 +174,8 @@ def main() -> None:
         for batch in args.batch_sizes:
             images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(2)).to(args.device)
             runs = args.runs if batch < 16 else max(1, (args.runs + 1) // 2)
-            dense, ats = throughput(model, images, runs, budget)
+            with autocast:
+                dense, ats = throughput(model, images, runs, budget)
             # The fraction uses this image's (these images') own GMACs ratio, measured on them.
             ratio_here = ats_ratio(model.cpu(), images.cpu(), budget)[0]
             model.to(args.device)
@@ -182,7 +187,8 @@ def main() -> None:
             print(f"  batch {batch:3d}: dense {dense:8.2f} img/s | ATS {ats:8.2f} img/s | speed-up {speedup:.2f}x "
                   f"vs GMACs ratio {ideal:.2f}x -> {speedup / ideal:.2f} of it (goal >= 0.90)")
             if batch == 1:
-                dense_c, ceiling = ceiling_throughput(model, images, runs, budget)
+                with autocast:
+                    dense_c, ceiling = ceiling_throughput(model, images, runs, budget)
                 row.update(ceiling_img_s=ceiling, ceiling_fraction=ceiling / dense_c / ideal,
                            fraction_of_ceiling=(ats / dense) / (ceiling / dense_c))
                 print(f"             ceiling (same token counts, no selection) {ceiling:8.2f} img/s vs dense "
@@ -191,7 +197,7 @@ def main() -> None:
             results.append(row)
 
     if args.json:
-        write_json(args.json, dict(model=args.model, device=args.device, torch=torch.__version__,
+        write_json(args.json, dict(model=args.model, device=args.device, amp=args.amp, torch=torch.__version__,
                                    threads=torch.get_num_threads(), blocks=BLOCKS, results=results))
 
 

@@ -147,8 +147,8 @@ def compare_released(args) -> list[dict]:
     if not (src / "models" / "fan.py").is_file():
         raise SystemExit(f"--official-src {src}: no models/fan.py there; point it at a clone of NVlabs/FAN")
     official_path = os.pathsep.join([str(official_timm(Path(args.official_timm).expanduser())), str(src)])
-    envs = {"official": dict(os.environ, PYTHONPATH=official_path),
-            "ravit": {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}}
+    # the released side sees only its folder and timm 0.5.4; ravit's side runs in the caller's environment as is
+    envs = {"official": dict(os.environ, PYTHONPATH=official_path), "ravit": dict(os.environ)}
     common = ["--iters", str(args.iters), "--device", args.device]
     common += ["--threads", str(args.threads)] if args.threads else []
     common += ["--amp"] if args.amp else []

@@ -43,6 +43,7 @@ A zoo name runs on Fashion-MNIST test images, any other timm name on random weig
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import io
 import statistics
@@ -178,10 +179,18 @@ def _gmacs(model: torch.nn.Module, images: torch.Tensor) -> float:
     return count_gmacs(model, images[:1])
 
 
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device`` with ``--amp``, else nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+
+
 @torch.no_grad()
-def _top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int) -> float:
-    hits = sum(int(model(x).argmax(-1).eq(y).sum()) for x, y in zip(images.split(batch), labels.split(batch),
-                                                                     strict=True))
+def _top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int, device: torch.device,
+          amp: bool) -> float:
+    """Top-1 (%) of ``model`` (on ``device``) over ``images`` (on the CPU), ``batch`` images per call."""
+    with _autocast(device, amp):
+        hits = sum(int(model(x.to(device)).argmax(-1).cpu().eq(y).sum())
+                   for x, y in zip(images.split(batch), labels.split(batch), strict=True))
     return 100.0 * hits / len(labels)
 
 
@@ -272,16 +281,18 @@ def accuracy(args: argparse.Namespace) -> None:
                                    f"{args.model!r} is not one (speed takes any timm ViT)")
     images, labels = _test_images(model, args.limit)
     dense_gmacs = count_gmacs(model, images[:1])
+    device = torch.device(args.device)
     rows = []
     chosen = _only(list(methods(model)), args.methods)
     for m in tqdm(chosen, desc=f"{args.model} · accuracy", disable=not args.progress):
         reduced = m.apply(copy.deepcopy(model))
-        gmacs = _gmacs(reduced, images[: args.gmacs_images])
+        gmacs = _gmacs(reduced, images[: args.gmacs_images])  # counted on the CPU: the same ops run on any device
         rows.append(dict(method=m.method, setting=m.setting, gmacs=gmacs, dense_gmacs=dense_gmacs,
-                         top1=_top1(reduced, images, labels, args.batch)))
+                         top1=_top1(reduced.to(device), images, labels, args.batch, device, args.amp)))
     write_json(args.json, rows)
     png = Path(args.png) if args.png else Path(args.json).with_suffix(".png")
-    plot(rows, png, f"{args.model}: top-1 vs GMACs, first {len(labels)} Fashion-MNIST test images")
+    where = "" if device.type == "cpu" and not args.amp else f" ({device.type}{', bf16 autocast' if args.amp else ''})"
+    plot(rows, png, f"{args.model}: top-1 vs GMACs, first {len(labels)} Fashion-MNIST test images{where}")
     print(f"{args.model}: dense {rows[0]['top1']:.2f}% at {dense_gmacs:.4f} GMACs ({len(labels)} test images)")
     print(f"{'ratio':>6} {'ToMe':>7} {'best ATS':>9}  mode")
     for ratio in np.arange(0.45, 0.801, 0.05):
@@ -311,9 +322,14 @@ def _nearest(model: torch.nn.Module, probe: torch.Tensor, targets: list[float], 
     return [(t, *min(points, key=lambda p: abs(p[0] - t))[::-1]) for t in targets for points in ratios.values()]
 
 
-def _time(fn: Callable[[], object]) -> float:
+def _time(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call, the device's queued work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -346,12 +362,15 @@ def speed(args: argparse.Namespace) -> None:
         chosen += [(t, Method("tome-released", m.setting, lambda net, r=m.setting: apply(net, r)), ratio)
                    for t, m, ratio in chosen if m.method == "tome"]
         chosen.sort(key=lambda c: -c[0])
-    print(f"{args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads; {args.runs} interleaved "
-          f"timed calls per method after one warm-up, medians" + ("; every model torch.compile'd" if args.compile
-                                                                  else ""))
+    device = torch.device(args.device)
+    where = (f"{torch.cuda.get_device_name(device)}" if device.type == "cuda" else f"{torch.get_num_threads()} threads")
+    print(f"{args.model}, torch {torch.__version__}, {where}, {'bf16 autocast' if args.amp else 'fp32'}; "
+          f"{args.runs} interleaved timed calls per method after one warm-up, medians"
+          + ("; every model torch.compile'd" if args.compile else ""))
     results = []
-    with torch.inference_mode():
+    with torch.inference_mode(), _autocast(device, args.amp):
         for batch in args.batch:
+            model.cpu()  # the reduced copies and the ceilings' token counts are made on the CPU, then moved
             images = (_test_images(model, batch)[0] if zoo else torch.randn(batch, *shape, generator=gen))
             models = {("dense", "-"): model}
             for _, m, _ in chosen:
@@ -362,12 +381,15 @@ def speed(args: argparse.Namespace) -> None:
                         counts = trace(reduced, images, count_gmacs=False).kept_tokens[0].tolist()
                         kept = dict(zip(reduced.ats_config.blocks, counts, strict=True))
                         models[("ceiling " + method, setting)] = ceiling_forward(model, kept)
+            images = images.to(device)
+            models = {key: mod.to(device) if isinstance(mod, torch.nn.Module) else mod for key, mod in models.items()}
+            model.to(device)  # the ceilings' forwards call the dense model's modules
             if args.compile:  # inductor; each model compiles in the untimed warm-up round
                 models = {key: torch.compile(mod) for key, mod in models.items()}
             times = {key: [] for key in models}
             for i in range(args.runs + 1):
                 for key, mod in models.items():
-                    elapsed = _time(lambda mod=mod, x=images: mod(x))
+                    elapsed = _time(lambda mod=mod, x=images: mod(x), device)
                     if i:
                         times[key].append(elapsed)
             median = {key: batch / statistics.median(t) for key, t in times.items()}  # images per second
@@ -387,7 +409,8 @@ def speed(args: argparse.Namespace) -> None:
                       f"{ips / dense * ratio:13.2f}" + (f" {ips / ceiling:10.2f}" if ceiling else ""))
     if args.json:
         write_json(args.json, dict(model=args.model, torch=torch.__version__, threads=torch.get_num_threads(),
-                                   runs=args.runs, compiled=args.compile, results=results))
+                                   device=where, amp=args.amp, runs=args.runs, compiled=args.compile,
+                                   results=results))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -420,6 +443,8 @@ def main(argv: list[str] | None = None) -> None:
     for p in (acc, spd):
         p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+        p.add_argument("--device", default="cpu", help="where the models run (GMACs are counted on the CPU)")
+        p.add_argument("--amp", action="store_true", help="bf16 autocast on --device")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
