@@ -108,7 +108,7 @@ def test_cuda_matches_cpu(name):
     cpu = corrupt(x, name, 3, torch.Generator().manual_seed(0))
     gpu = corrupt(x.cuda(), name, 3, torch.Generator().manual_seed(0))
     assert gpu.is_cuda
-    tol = 2 / 255 if name in ("jpeg_compression", "spatter", "glass_blur") else 1e-3
+    tol = 2 / 255 if name in ("spatter", "glass_blur") else 1e-3  # jpeg: Pillow on both
     assert (gpu.cpu() - cpu).abs().mean() < tol
 
 
