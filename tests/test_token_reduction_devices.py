@@ -6,12 +6,15 @@ run; ``benchmarks/gpu_checks.sh`` runs this file on a GPU machine."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import timm
 import torch
 from ats_helpers import peaky_vit, sharpen
 
 import ravit
+import ravit.ats.block as ats_block
 import ravit.ats.patch as ats_patch
 from ravit.ats import apply_ats, trace
 from ravit.data.fashion_mnist import find_fashion_mnist
@@ -81,6 +84,25 @@ def test_device_matches_cpu_and_is_batch_independent(device, mode):
         if kept is not None:
             assert torch.equal(kept_one[0], kept[i])
         torch.testing.assert_close(logits_one[0], logits[i], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["ats-adaptive", "ats-ratio"])
+def test_padded_ragged_path_matches_image_by_image(mode, monkeypatch):
+    """The path a GPU takes for ragged batches (scores and attention padded to the widest image, padding keys
+    masked), forced on the CPU: the same kept tokens as the image-by-image path, logits within 1e-5."""
+    model = MODES[mode](peaky_vit())
+    x = _images()
+    with torch.inference_mode():
+        exact = trace(model, x, count_gmacs=False)
+        monkeypatch.setattr(ats_block, "_scores", functools.partial(ats_block._scores, padded=True))
+        monkeypatch.setattr(ats_block, "_attention", functools.partial(ats_block._attention, padded=True))
+        padded = trace(model, x, count_gmacs=False)
+    assert len(set(exact.kept_tokens[:, -1].tolist())) > 1  # ragged
+    assert torch.equal(padded.kept_tokens, exact.kept_tokens)
+    for stage in range(len(exact.kept_indices)):
+        for mine, theirs in zip(padded.kept_indices[stage], exact.kept_indices[stage], strict=True):
+            assert torch.equal(mine, theirs)
+    torch.testing.assert_close(padded.logits, exact.logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
