@@ -13,7 +13,8 @@
 #
 # OUT: folder for the JSON results and logs; FAN_SRC: a folder holding the released FAN code's models/ package;
 # TOME_SRC: a clone of facebookresearch/ToMe; TIMM054: a folder holding timm 0.5.4 (pip install --target).
-# PYTHON (default python) must import ravit and a CUDA torch. Nothing in ravit depends on this script.
+# PYTHON (default python) must import ravit and a CUDA torch. Nothing in ravit depends on this script. About 12
+# minutes in all on one H200 (the first run, with shorter limits, spent 300 s on two FAN steps that ran out of time).
 set -u
 if [ $# -ne 4 ]; then
     echo "usage: $0 OUT FAN_SRC TOME_SRC TIMM054" >&2
@@ -41,9 +42,11 @@ $py -c "import torch, timm, ravit; print('torch', torch.__version__, 'timm', tim
 
 step tests 240 $py -m pytest -q -p no:cacheprovider tests/test_token_reduction_devices.py \
     tests/test_corruptions.py::test_cuda_matches_cpu
+# Each side's process takes ~11 s to start on an H200 machine here (torch + CUDA initialisation), so two models at two
+# pairs are 10 processes, ~2 minutes per batch size.
 for batch in 8 64; do
-    step "fan_bf16_b$batch" 150 $py benchmarks/fan_speed.py --official-src "$fan" --official-timm "$timm054" \
-        --device cuda --amp --batch-size "$batch" --iters 20 --pairs 3 --json "$out/fan_bf16_b$batch.json"
+    step "fan_bf16_b$batch" 200 $py benchmarks/fan_speed.py --official-src "$fan" --official-timm "$timm054" \
+        --device cuda --amp --batch-size "$batch" --iters 20 --pairs 2 --json "$out/fan_bf16_b$batch.json"
 done
 for precision in fp32 bf16; do
     amp=()
@@ -52,7 +55,7 @@ for precision in fp32 bf16; do
         --batch 1 64 256 --runs 10 --tome-src "$tome" --no-progress \
         --methods tome ats ats-topk ats-topk-fused-r6 ats-topk-fused-r6-alt --json "$out/token_reduction_$precision.json"
 done
-step fan_fp32_b8 90 $py benchmarks/fan_speed.py --official-src "$fan" --official-timm "$timm054" \
+step fan_fp32_b8 120 $py benchmarks/fan_speed.py --official-src "$fan" --official-timm "$timm054" \
     --device cuda --batch-size 8 --iters 20 --pairs 1 --json "$out/fan_fp32_b8.json"
 step ats_speed_bf16 100 $py benchmarks/ats_speed.py --device cuda --amp --batch-sizes 1 64 \
     --json "$out/ats_speed_bf16.json"
