@@ -43,8 +43,8 @@ class TokenMixing(nn.Module):
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, C) -> (B, N, C).
 
-        ``out_scale`` (C,) multiplies the output; it is folded into the projection (the block's LayerScale γ1 costs
-        no extra pass over the tokens). With ``residual`` (B, N, C) the result is ``residual + output``.
+        ``out_scale`` (C,) multiplies the output (the block's LayerScale γ1) at no extra pass over the tokens: folded
+        into the projection, or with ``residual`` (B, N, C) joined to the skip connection, ``residual + output``.
         """
         B, N, C = x.shape
         h = self.num_heads
@@ -57,10 +57,13 @@ class TokenMixing(nn.Module):
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C); a view for SDPA's output layout
         weight, bias = self.proj.weight, self.proj.bias
-        if out_scale is not None:
+        fast = not torch.jit.is_scripting() and fast_inference(x, self.training)
+        if out_scale is not None and (fast or residual is None):  # folded into the projection: no extra pass
             weight, bias = weight * out_scale[:, None], bias * out_scale
-        if not torch.jit.is_scripting():  # noqa: SIM102 (nested: TorchScript then compiles only the reference path)
-            if fast_inference(x, self.training):  # eval: no dropout; the skip connection joins the matmul's output
-                return linear(x, weight, bias, residual)
+        if fast:  # eval: no dropout; the skip connection joins the matmul's output
+            return linear(x, weight, bias, residual)
         x = self.proj_drop(F.linear(x, weight, bias))  # (B, N, C)
-        return x if residual is None else residual + x
+        if residual is None:
+            return x
+        # the LayerScale joins the skip connection: one multiply-add pass instead of two folds and an add
+        return residual + x if out_scale is None else torch.addcmul(residual, x, out_scale)
