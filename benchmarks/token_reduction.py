@@ -44,12 +44,10 @@ A zoo name runs on Fashion-MNIST test images, any other timm name on random weig
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import io
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +67,7 @@ from ravit.outputs import write_bytes, write_json
 from ravit.tome import apply_tome, max_merges
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ats_speed import ceiling_forward  # noqa: E402  (the zero-overhead ceiling of benchmarks/ats_speed.py)
+from ats_speed import ceiling_forward, timed  # noqa: E402  (the zero-overhead ceiling of benchmarks/ats_speed.py)
 
 
 @dataclass(frozen=True)
@@ -182,16 +180,11 @@ def _gmacs(model: torch.nn.Module, images: torch.Tensor) -> float:
     return count_gmacs(model, images[:1])
 
 
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on ``device`` with ``--amp``, else nothing."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-
-
 @torch.no_grad()
 def _top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int, device: torch.device,
           amp: bool) -> float:
     """Top-1 (%) of ``model`` (on ``device``) over ``images`` (on the CPU), ``batch`` images per call."""
-    with _autocast(device, amp):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         hits = sum(int(model(x.to(device)).argmax(-1).cpu().eq(y).sum())
                    for x, y in zip(images.split(batch), labels.split(batch), strict=True))
     return 100.0 * hits / len(labels)
@@ -325,17 +318,6 @@ def _nearest(model: torch.nn.Module, probe: torch.Tensor, targets: list[float], 
     return [(t, *min(points, key=lambda p: abs(p[0] - t))[::-1]) for t in targets for points in ratios.values()]
 
 
-def _time(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall time of one call, the device's queued work included."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def released_tome(src: str) -> Callable[[torch.nn.Module, int], torch.nn.Module]:
     """``apply(model, r)`` of the released ToMe (facebookresearch/ToMe's ``tome.patch.timm``), imported from the
     folder ``src`` the user gives (never part of this repository). A plain-Python patch of the timm model in the
@@ -371,7 +353,7 @@ def speed(args: argparse.Namespace) -> None:
           f"{args.runs} interleaved timed calls per method after one warm-up, medians"
           + ("; every model torch.compile'd" if args.compile else ""))
     results = []
-    with torch.inference_mode(), _autocast(device, args.amp):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
         for batch in args.batch:
             model.cpu()  # the reduced copies and the ceilings' token counts are made on the CPU, then moved
             images = (_test_images(model, batch)[0] if zoo else torch.randn(batch, *shape, generator=gen))
@@ -385,14 +367,14 @@ def speed(args: argparse.Namespace) -> None:
                         kept = dict(zip(reduced.ats_config.blocks, counts, strict=True))
                         models[("ceiling " + method, setting)] = ceiling_forward(model, kept)
             images = images.to(device)
+            # in place: the dense model (whose modules the ceilings' forwards call) is one of them
             models = {key: mod.to(device) if isinstance(mod, torch.nn.Module) else mod for key, mod in models.items()}
-            model.to(device)  # the ceilings' forwards call the dense model's modules
             if args.compile:  # inductor; each model compiles in the untimed warm-up round
                 models = {key: torch.compile(mod) for key, mod in models.items()}
             times = {key: [] for key in models}
             for i in range(args.runs + 1):
                 for key, mod in models.items():
-                    elapsed = _time(lambda mod=mod, x=images: mod(x), device)
+                    elapsed = timed(mod, images)
                     if i:
                         times[key].append(elapsed)
             median = {key: batch / statistics.median(t) for key, t in times.items()}  # images per second

@@ -9,9 +9,10 @@ from __future__ import annotations
 import functools
 
 import pytest
-import timm
 import torch
-from ats_helpers import peaky_vit, sharpen
+from ats_helpers import peaky_vit
+from test_ats_fan import _fan_vit
+from test_ats_modes import same_kept
 
 import ravit
 import ravit.ats.block as ats_block
@@ -49,12 +50,6 @@ def _images(n: int = 6) -> torch.Tensor:
     # contrasts from 0.5 to 4: peaked and flat attention in one batch, so adaptive counts differ per image
     scale = torch.linspace(0.5, 4.0, n)[:, None, None, None]
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * scale
-
-
-def _fan() -> torch.nn.Module:
-    torch.manual_seed(0)
-    small = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
-    return sharpen(timm.create_model("fan_tiny_12_p16_224", **small))
 
 
 def _run(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -98,10 +93,7 @@ def test_padded_ragged_path_matches_image_by_image(mode, monkeypatch):
         monkeypatch.setattr(ats_block, "_attention", functools.partial(ats_block._attention, padded=True))
         padded = trace(model, x, count_gmacs=False)
     assert len(set(exact.kept_tokens[:, -1].tolist())) > 1  # ragged
-    assert torch.equal(padded.kept_tokens, exact.kept_tokens)
-    for stage in range(len(exact.kept_indices)):
-        for mine, theirs in zip(padded.kept_indices[stage], exact.kept_indices[stage], strict=True):
-            assert torch.equal(mine, theirs)
+    assert same_kept(padded, exact)
     torch.testing.assert_close(padded.logits, exact.logits, atol=1e-5, rtol=1e-5)
 
 
@@ -119,7 +111,7 @@ def test_one_image_route_matches_the_general_path_on_device(device, monkeypatch)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sampler", ["inverse_transform", "topk"])
 def test_ats_on_fan_matches_cpu(device, sampler):
-    model = _fan()
+    model = _fan_vit()
     apply_ats(model, blocks=range(1, len(model.blocks)), budget=None if sampler == "inverse_transform" else 0.7,
               sampler=sampler)
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))

@@ -60,8 +60,8 @@ class DWConv(nn.Module):
         if not torch.jit.is_scripting():  # noqa: SIM102 (nested: TorchScript then compiles only the reference path)
             if fast_inference(x, self.training) and self._fusable():
                 return self._forward_fused(x, hw, out_scale, residual)
-        # Convs see (B, C, H, W) maps with channels-last strides (oneDNN's fast depthwise path); the elementwise GELU
-        # and BatchNorm run on the same memory viewed as contiguous (B, N, C) tokens, their fastest layout.
+        # Convs and BatchNorm see (B, C, H, W) maps with channels-last strides (oneDNN's fast depthwise path); GELU
+        # runs on the same memory viewed as contiguous (B, N, C) tokens.
         x = map_to_tokens(self.conv1(tokens_to_map(x.contiguous(), hw)))  # (B, N, C)
         x = self.bn(tokens_to_map(self.act(x), hw))  # one kernel, where BN as a multiply-add costs six launches
         conv = self.conv2
