@@ -59,6 +59,7 @@ from tqdm import tqdm
 import ravit
 from ravit.ats import apply_ats, trace
 from ravit.bench.flops import count_gmacs
+from ravit.cli._args import resolve_device
 from ravit.data.datasets import create_dataset
 from ravit.data.model_input import ModelInput
 from ravit.errors import InvalidArgumentError
@@ -277,7 +278,7 @@ def accuracy(args: argparse.Namespace) -> None:
                                    f"{args.model!r} is not one (speed takes any timm ViT)")
     images, labels = _test_images(model, args.limit)
     dense_gmacs = count_gmacs(model, images[:1])
-    device = torch.device(args.device)
+    device = args.device
     rows = []
     chosen = _only(list(methods(model)), args.methods)
     for m in tqdm(chosen, desc=f"{args.model} · accuracy", disable=not args.progress):
@@ -347,7 +348,7 @@ def speed(args: argparse.Namespace) -> None:
         chosen += [(t, Method("tome-released", m.setting, lambda net, r=m.setting: apply(net, r)), ratio)
                    for t, m, ratio in chosen if m.method == "tome"]
         chosen.sort(key=lambda c: -c[0])
-    device = torch.device(args.device)
+    device = args.device
     where = (f"{torch.cuda.get_device_name(device)}" if device.type == "cuda" else f"{torch.get_num_threads()} threads")
     print(f"{args.model}, torch {torch.__version__}, {where}, {'bf16 autocast' if args.amp else 'fp32'}; "
           f"{args.runs} interleaved timed calls per method after one warm-up, medians"
@@ -434,6 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        args.device = resolve_device(args.device)  # a clear error before any work
         accuracy(args) if args.command == "accuracy" else speed(args)
     except InvalidArgumentError as err:
         sys.exit(f"error: {err}")
