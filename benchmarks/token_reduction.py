@@ -3,11 +3,17 @@
     python benchmarks/token_reduction.py accuracy --model fmnist_deit_p4 --limit 10000 --json tr.json [--png tr.png]
     python benchmarks/token_reduction.py speed --model deit_small_patch16_224 --batch 1 64 [--json speed.json]
     python benchmarks/token_reduction.py speed --batch 1 --compile --methods tome ats-topk-fused-r6
+    python benchmarks/token_reduction.py summary tr.json    # the accuracy table again, from the JSON
 
 ``accuracy`` (a zoo model on the first ``--limit`` Fashion-MNIST test images) writes a JSON list of rows
 ``{"method", "setting", "gmacs", "dense_gmacs", "top1"}`` (GMACs per image, FlopCounterMode, mean over the first
 ``--gmacs-images``; top-1 in percent) and a PNG of top-1 against GMACs with each point's setting written beside it.
 It also prints, for GMACs ratios from 0.45 to 0.8, the best ATS mode against ToMe interpolated over r at that ratio.
+That best mode is picked on the scored images themselves, which favours ATS (many settings against ToMe's one knob),
+so the table also gives ATS's margin with the setting picked elsewhere: on one half of the test images and reported
+on the other, both ways (rows carry ``top1_halves``, the top-1 on the even and the odd images), and with
+``--val-split holdout`` on validation images the model never trained on (rows carry ``val_top1``; the 12-block zoo
+models hold out 5,000 training images).
 
 Methods (ATS: Fayyaz et al., ECCV 2022; ToMe: Bolya et al., ICLR 2023; options in :mod:`ravit.ats.config`):
 
@@ -46,6 +52,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import json
 import statistics
 import sys
 from collections.abc import Callable, Iterator
@@ -63,7 +70,7 @@ from ravit.cli._args import resolve_device
 from ravit.data.datasets import create_dataset
 from ravit.data.model_input import ModelInput
 from ravit.errors import InvalidArgumentError
-from ravit.models.zoo import list_zoo
+from ravit.models.zoo import list_zoo, load_manifest
 from ravit.outputs import write_bytes, write_json
 from ravit.tome import apply_tome, max_merges
 
@@ -164,10 +171,10 @@ def _zoo_or_timm(name: str) -> tuple[torch.nn.Module, bool]:
     return ravit.create_model(name, pretrained=zoo).eval(), zoo
 
 
-def _test_images(model: torch.nn.Module, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``limit`` Fashion-MNIST test images, normalised for ``model``, and their labels."""
+def _test_images(model: torch.nn.Module, limit: int, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` Fashion-MNIST images of ``split``, normalised for ``model``, and their labels."""
     spec = ModelInput.from_model(model)
-    dataset = create_dataset("fashion_mnist", "test", transform=spec.transform())
+    dataset = create_dataset("fashion_mnist", split, transform=spec.transform())
     n = min(limit, len(dataset))
     images, labels = zip(*(dataset[i] for i in range(n)), strict=True)
     return torch.stack(images), torch.tensor(labels)
@@ -182,37 +189,84 @@ def _gmacs(model: torch.nn.Module, images: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int, device: torch.device,
-          amp: bool) -> float:
-    """Top-1 (%) of ``model`` (on ``device``) over ``images`` (on the CPU), ``batch`` images per call."""
+def _hits(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int, device: torch.device,
+          amp: bool) -> torch.Tensor:
+    """(N,) bool: which ``images`` (on the CPU) ``model`` (on ``device``) classifies right, ``batch`` per call."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        hits = sum(int(model(x.to(device)).argmax(-1).cpu().eq(y).sum())
-                   for x, y in zip(images.split(batch), labels.split(batch), strict=True))
-    return 100.0 * hits / len(labels)
+        return torch.cat([model(x.to(device)).argmax(-1).cpu().eq(y)
+                          for x, y in zip(images.split(batch), labels.split(batch), strict=True)])
 
 
-def interpolate(rows: list[dict], method: str, ratio: float) -> float | None:
-    """``method``'s top-1 at GMACs ``ratio``, linear between its two nearest points; None outside its range."""
-    pts = sorted((r["gmacs"] / r["dense_gmacs"], r["top1"]) for r in rows if r["method"] == method)
+def _percent(hits: torch.Tensor) -> float:
+    return 100.0 * int(hits.sum()) / hits.numel()
+
+
+Key = Callable[[dict], float]
+
+
+def _top1(row: dict) -> float:
+    return row["top1"]
+
+
+def _half(k: int) -> Key:
+    """Top-1 on the even (k = 0) or odd (k = 1) test images of a row."""
+    return lambda row: row["top1_halves"][k]
+
+
+def interpolate(rows: list[dict], method: str, ratio: float, key: Key = _top1) -> float | None:
+    """``method``'s ``key`` (top-1) at GMACs ``ratio``, linear between its two nearest points; None outside its
+    range."""
+    pts = sorted((r["gmacs"] / r["dense_gmacs"], key(r)) for r in rows if r["method"] == method)
     for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
         if x0 <= ratio <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (ratio - x0) / (x1 - x0)
     return None
 
 
-def envelope(rows: list[dict], ratio: float) -> tuple[float | None, str]:
+def _mix(key: Key, row0: dict, row1: dict, t: float) -> float:
+    """``key`` of the mix running a fraction ``t`` of the images with ``row1``'s setting, the rest with ``row0``'s."""
+    return key(row0) + (key(row1) - key(row0)) * t
+
+
+def envelope(rows: list[dict], ratio: float, select: Key = _top1, report: Key = _top1) -> tuple[float | None, str]:
     """The best ATS top-1 reachable at GMACs ``ratio``: the upper envelope of every ATS point, linear between two
-    points (choosing between two settings per image batch gives any mix of their costs and accuracies)."""
-    pts = sorted((r["gmacs"] / r["dense_gmacs"], r["top1"], f"{r['method']} {r['setting']}") for r in rows
-                 if r["method"].startswith("ats"))
-    best, label = None, ""
-    for i, (x0, y0, l0) in enumerate(pts):
-        for x1, y1, l1 in pts[i:]:
+    points (choosing between two settings per image batch gives any mix of their costs and accuracies).
+
+    The mix is the one with the highest ``select`` accuracy at ``ratio``; its ``report`` accuracy is returned. Both
+    are the test top-1 by default: the best setting is then picked on the images it is scored on, which favours
+    ATS (many settings) over ToMe (one knob). Selecting on other images (a validation split, or one half of the
+    test images to report the other) removes that bias; see :func:`held_out_margins`."""
+    pts = sorted((r["gmacs"] / r["dense_gmacs"], i) for i, r in enumerate(rows) if r["method"].startswith("ats"))
+    best, chosen, label = None, None, ""
+    for i, (x0, i0) in enumerate(pts):
+        for x1, i1 in pts[i:]:
             if x0 <= ratio <= x1:
-                y = y0 if x1 == x0 else y0 + (y1 - y0) * (ratio - x0) / (x1 - x0)
-                if best is None or y > best:
-                    best, label = y, l0 if x0 == x1 else f"{l0} / {l1}"
-    return best, label
+                t = 0.0 if x1 == x0 else (ratio - x0) / (x1 - x0)
+                if best is None or _mix(select, rows[i0], rows[i1], t) > best:
+                    name0, name1 = (f"{rows[j]['method']} {rows[j]['setting']}" for j in (i0, i1))
+                    label = name0 if t == 0.0 else name1 if t == 1.0 else f"{name0} / {name1}"  # a point or a mix
+                    best, chosen = _mix(select, rows[i0], rows[i1], t), _mix(report, rows[i0], rows[i1], t)
+    return chosen, label
+
+
+def held_out_margins(rows: list[dict], ratio: float) -> dict[str, float | None]:
+    """Best ATS minus ToMe at GMACs ``ratio`` (points of top-1) with the ATS setting chosen on images it is not
+    scored on: ``"val"`` picks on the validation split (rows' ``val_top1``, when measured) and reports the test
+    top-1; ``"halves"`` picks on the even test images and reports the odd ones, and the reverse, and averages the
+    two (two-fold cross-fitting). None where a curve does not reach ``ratio`` or the accuracies were not measured."""
+    margins: dict[str, float | None] = {"val": None, "halves": None}
+    tome = interpolate(rows, "tome", ratio)
+    if tome is not None and all("val_top1" in r for r in rows):
+        ats = envelope(rows, ratio, select=lambda r: r["val_top1"])[0]
+        margins["val"] = None if ats is None else ats - tome
+    if all("top1_halves" in r for r in rows):
+        folds = []
+        for k in (0, 1):
+            tome_k = interpolate(rows, "tome", ratio, key=_half(1 - k))
+            ats_k = envelope(rows, ratio, select=_half(k), report=_half(1 - k))[0]
+            folds.append(None if tome_k is None or ats_k is None else ats_k - tome_k)
+        margins["halves"] = None if None in folds else statistics.mean(folds)
+    return margins
 
 
 def _placement(setting: str | int | float) -> str:
@@ -271,12 +325,27 @@ def _fmt(value: float | None) -> str:
     return "   n/a" if value is None else f"{value:6.2f}"
 
 
+def _val_split(name: str, split: str | None) -> str | None:
+    """``split`` if the zoo model ``name`` never trained on it (else a clear error): selecting settings there is
+    selecting on unseen images."""
+    if split is None:
+        return None
+    trained_on = load_manifest()["models"][name]["train_config"]["train_split"]
+    if split == "test" or trained_on == "train" or split == trained_on:
+        raise InvalidArgumentError(f"--val-split {split}: {name} trained on {trained_on!r}, which holds those images "
+                                   f"(or it is the test split); a validation split must be unseen and not the test "
+                                   f"images (the 12-block zoo models hold out 'holdout')")
+    return split
+
+
 def accuracy(args: argparse.Namespace) -> None:
     model, zoo = _zoo_or_timm(args.model)
     if not zoo:
         raise InvalidArgumentError(f"accuracy needs a zoo model with its test data ({', '.join(list_zoo())}); "
                                    f"{args.model!r} is not one (speed takes any timm ViT)")
+    val_split = _val_split(args.model, args.val_split)
     images, labels = _test_images(model, args.limit)
+    val = _test_images(model, args.val_limit, val_split) if val_split else None
     dense_gmacs = count_gmacs(model, images[:1])
     device = args.device
     rows = []
@@ -284,19 +353,47 @@ def accuracy(args: argparse.Namespace) -> None:
     for m in tqdm(chosen, desc=f"{args.model} · accuracy", disable=not args.progress):
         reduced = m.apply(copy.deepcopy(model))
         gmacs = _gmacs(reduced, images[: args.gmacs_images])  # counted on the CPU: the same ops run on any device
-        rows.append(dict(method=m.method, setting=m.setting, gmacs=gmacs, dense_gmacs=dense_gmacs,
-                         top1=_top1(reduced.to(device), images, labels, args.batch, device, args.amp)))
+        hits = _hits(reduced.to(device), images, labels, args.batch, device, args.amp)  # (N,)
+        row = dict(method=m.method, setting=m.setting, gmacs=gmacs, dense_gmacs=dense_gmacs, top1=_percent(hits),
+                   top1_halves=[_percent(hits[0::2]), _percent(hits[1::2])])
+        if val is not None:
+            row["val_top1"] = _percent(_hits(reduced, *val, args.batch, device, args.amp))
+        rows.append(row)
     write_json(args.json, rows)
     png = Path(args.png) if args.png else Path(args.json).with_suffix(".png")
     where = "" if device.type == "cpu" and not args.amp else f" ({device.type}{', bf16 autocast' if args.amp else ''})"
     plot(rows, png, f"{args.model}: top-1 vs GMACs, first {len(labels)} Fashion-MNIST test images{where}")
-    print(f"{args.model}: dense {rows[0]['top1']:.2f}% at {dense_gmacs:.4f} GMACs ({len(labels)} test images)")
-    print(f"{'ratio':>6} {'ToMe':>7} {'best ATS':>9}  mode")
+    print(f"{args.model}: dense {rows[0]['top1']:.2f}% at {dense_gmacs:.4f} GMACs ({len(labels)} test images"
+          f"{f', settings also scored on {len(val[1])} {val_split} images' if val else ''})")
+    print_summary(rows)
+    print(f"wrote {args.json} and {png}")
+
+
+def _fmt_margin(value: float | None) -> str:
+    return "    n/a" if value is None else f"{value:+7.2f}"
+
+
+def print_summary(rows: list[dict]) -> None:
+    """ToMe and the best ATS mode at GMACs ratios 0.45-0.8, with the best mode picked on the test images themselves,
+    then (where the rows have them) the margin over ToMe with the mode picked on other images."""
+    print(f"{'ratio':>6} {'ToMe':>7} {'best ATS':>9} {'val-picked':>10} {'half-picked':>11}  mode (picked on test)")
     for ratio in np.arange(0.45, 0.801, 0.05):
         tome, (ats, label) = interpolate(rows, "tome", ratio), envelope(rows, ratio)
         verdict = "" if tome is None or ats is None else ("  >= ToMe" if ats >= tome else "  < ToMe")
-        print(f"{ratio:6.2f} {_fmt(tome):>7} {_fmt(ats):>9}  {label}{verdict}")
-    print(f"wrote {args.json} and {png}")
+        held = held_out_margins(rows, ratio)
+        print(f"{ratio:6.2f} {_fmt(tome):>7} {_fmt(ats):>9} {_fmt_margin(held['val']):>10} "
+              f"{_fmt_margin(held['halves']):>11}  {label}{verdict}")
+    print("val-picked / half-picked: best ATS minus ToMe (points) with the ATS setting chosen on the validation "
+          "split / on one half of the test images (reported on the other half, both ways, averaged)")
+
+
+def summary(args: argparse.Namespace) -> None:
+    """The table of ``accuracy`` again, from its JSON."""
+    try:
+        rows = json.loads(Path(args.json).read_text())
+    except (OSError, ValueError) as err:
+        raise InvalidArgumentError(f"{args.json}: not a readable accuracy JSON ({err})") from err
+    print_summary(rows)
 
 
 def _only(candidates: list[Method], names: list[str] | None) -> list[Method]:
@@ -409,6 +506,12 @@ def main(argv: list[str] | None = None) -> None:
     acc.add_argument("--batch", type=int, default=250)
     acc.add_argument("--json", required=True)
     acc.add_argument("--png", default=None, help="default: the JSON path with .png")
+    acc.add_argument("--val-split", default=None,
+                     help="also score every setting on this Fashion-MNIST split (one the model never trained on, "
+                     "e.g. 'holdout' for the 12-block zoo models) and report the ATS mode picked there")
+    acc.add_argument("--val-limit", type=int, default=5000, help="first N images of --val-split")
+    summ = sub.add_parser("summary", help="the accuracy table again from an accuracy JSON")
+    summ.add_argument("json")
     spd = sub.add_parser("speed", help="images/s of every method at matched GMACs, interleaved")
     spd.add_argument("--model", default="deit_small_patch16_224")
     spd.add_argument("--batch", type=int, nargs="+", default=[1, 64])
@@ -432,6 +535,12 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--device", default="cpu", help="where the models run (GMACs are counted on the CPU)")
         p.add_argument("--amp", action="store_true", help="bf16 autocast on --device")
     args = parser.parse_args(argv)
+    if args.command == "summary":
+        try:
+            summary(args)
+        except InvalidArgumentError as err:
+            sys.exit(f"error: {err}")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
