@@ -244,10 +244,11 @@ def envelope(rows: list[dict], ratio: float, select: Key = _top1, report: Key = 
         for x1, i1 in pts[i:]:
             if x0 <= ratio <= x1:
                 t = 0.0 if x1 == x0 else (ratio - x0) / (x1 - x0)
-                if best is None or _mix(select, rows[i0], rows[i1], t) > best:
+                y = _mix(select, rows[i0], rows[i1], t)
+                if best is None or y > best:
                     name0, name1 = (f"{rows[j]['method']} {rows[j]['setting']}" for j in (i0, i1))
                     label = name0 if t == 0.0 else name1 if t == 1.0 else f"{name0} / {name1}"  # a point or a mix
-                    best, chosen = _mix(select, rows[i0], rows[i1], t), _mix(report, rows[i0], rows[i1], t)
+                    best, chosen = y, _mix(report, rows[i0], rows[i1], t)
     return chosen, label
 
 
@@ -395,6 +396,10 @@ def summary(args: argparse.Namespace) -> None:
         rows = json.loads(Path(args.json).read_text())
     except (OSError, ValueError) as err:
         raise InvalidArgumentError(f"{args.json}: not a readable accuracy JSON ({err})") from err
+    needed = {"method", "setting", "gmacs", "dense_gmacs", "top1"}
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and needed <= r.keys() for r in rows):
+        raise InvalidArgumentError(f"{args.json}: not an accuracy JSON (a list of rows with {sorted(needed)}; "
+                                   f"write one with the accuracy command)")
     print_summary(rows)
 
 
@@ -537,15 +542,11 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--device", default="cpu", help="where the models run (GMACs are counted on the CPU)")
         p.add_argument("--amp", action="store_true", help="bf16 autocast on --device")
     args = parser.parse_args(argv)
-    if args.command == "summary":
-        try:
-            summary(args)
-        except InvalidArgumentError as err:
-            sys.exit(f"error: {err}")
-        return
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
+        if args.command == "summary":  # reads a JSON: no models, threads or device
+            return summary(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         args.device = resolve_device(args.device)  # a clear error before any work
         accuracy(args) if args.command == "accuracy" else speed(args)
     except InvalidArgumentError as err:

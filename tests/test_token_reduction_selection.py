@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -78,3 +79,16 @@ def test_a_validation_split_the_model_trained_on_is_refused(bench):
         bench._val_split("fmnist_deit12_p4", "test")
     assert bench._val_split("fmnist_deit12_p4", "holdout") == "holdout"
     assert bench._val_split("fmnist_deit12_p4", None) is None
+
+
+def test_summary_reprints_the_table_and_refuses_other_json(bench, tmp_path, capsys):
+    good, bad = tmp_path / "rows.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(_rows()))
+    bench.main(["summary", str(good)])
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.strip().startswith("0.50"))
+    assert line.split()[1:5] == ["82.50", "86.00", "+1.50", "+0.00"]  # ToMe, best ATS, val-picked, half-picked
+    bad.write_text(json.dumps([{"method": "tome"}]))
+    with pytest.raises(SystemExit, match="not an accuracy JSON"):
+        bench.main(["summary", str(bad)])
+    with pytest.raises(SystemExit, match="not a readable accuracy JSON"):
+        bench.main(["summary", str(tmp_path / "missing.json")])
