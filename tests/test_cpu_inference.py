@@ -192,3 +192,43 @@ def test_dwconv_accumulates_into_residual():
     torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
     torch.testing.assert_close(out_strided, reference, rtol=0, atol=1e-5)
     torch.testing.assert_close(strided, residual, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [("test_fan_vit", {}), ("test_fan_vit_downsample", {}),
+                                              ("test_fan_hybrid", {})], ids=lambda v: str(v))
+def test_block_path_skips_submodules_unless_hooked(name, kwargs, monkeypatch):
+    """A FAN block on the fused path calls its layers' weights directly (no ravit ``Linear`` module runs), unless a
+    hook sits in the block: then that block calls its submodules, the hook fires, and the logits are the same."""
+    model = _model(name, kwargs)
+    images = torch.randn(2, 3, 64, 64)
+    calls = []
+    forward = cpu_inference.Linear.forward
+    monkeypatch.setattr(cpu_inference.Linear, "forward", lambda self, x: calls.append(self) or forward(self, x))
+    seen = []
+    with torch.inference_mode():
+        direct = model(images)
+        assert calls == []
+        block = model.blocks[1]
+        handle = block.mlp.mlp_v.fc1.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+        hooked = model(images)
+        handle.remove()
+        assert seen == [(2, 16, block.mlp.mlp_v.fc1.out_features)]
+        called = {id(m) for m in calls}
+        linears = {id(m) for m in block.modules() if isinstance(m, cpu_inference.Linear)}
+        assert id(block.mlp.mlp_v.fc1) in called and called <= linears  # only the hooked block used its modules
+        calls.clear()
+        model(images)  # the hook is gone: the direct path again
+        assert calls == []
+    torch.testing.assert_close(direct, hooked, rtol=0, atol=1e-6)
+
+
+def test_hooked_sees_module_global_and_nested_hooks():
+    block = _model("test_fan_vit", {}).blocks[0]
+    assert not cpu_inference.hooked(block)
+    handle = block.mlp.mlp_v.dwconv.bn.register_forward_pre_hook(lambda module, args: None)
+    assert cpu_inference.hooked(block)
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    assert cpu_inference.hooked(block)
+    handle.remove()
+    assert not cpu_inference.hooked(block)

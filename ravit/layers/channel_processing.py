@@ -12,7 +12,7 @@ from torch import nn
 
 from ravit.errors import InvalidArgumentError
 
-from .cpu_inference import Linear, fast_inference
+from .cpu_inference import Linear, fast_inference, layer_norm, linear
 from .mlp import DWConvMlp
 
 __all__ = ["ChannelProcessing", "channel_attention_gate"]
@@ -64,3 +64,12 @@ class ChannelProcessing(nn.Module):
             if fast_inference(v, self.training):
                 return torch.addcmul(residual, v, scale, out=v)  # v is this call's own buffer: reuse it
         return torch.addcmul(residual, v, scale)
+
+    @torch.jit.ignore
+    def fused_forward(self, x: torch.Tensor, hw: tuple[int, int], out_scale: torch.Tensor, residual: torch.Tensor
+                      ) -> torch.Tensor:
+        """``forward(x, hw, out_scale, residual)`` on the fused CPU path, the caller having checked it
+        (``fast_inference``, ``DWConvMlp.fusable``) and that nothing hooks this module: (B, N, C) -> (B, N, C)."""
+        gate = channel_attention_gate(linear(x, self.q.weight, self.q.bias), x, self.temperature)  # (B, 1, C)
+        v = layer_norm(self.mlp_v.fused_forward(x, hw), self.norm_v)  # (B, N, C), this call's own buffer
+        return torch.addcmul(residual, v, gate * out_scale, out=v)

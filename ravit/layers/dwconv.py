@@ -58,8 +58,8 @@ class DWConv(nn.Module):
         ``DWConv(x)·out_scale + residual``, which the fused inference path accumulates into ``residual``'s own memory
         (pass a buffer this call may overwrite, as ``DWConvMlp`` does with its fc1 output)."""
         if not torch.jit.is_scripting():  # noqa: SIM102 (nested: TorchScript then compiles only the reference path)
-            if fast_inference(x, self.training) and self._fusable():
-                return self._forward_fused(x, hw, out_scale, residual)
+            if fast_inference(x, self.training) and self.fusable():
+                return self.fused_forward(x, hw, out_scale, residual)
         # Convs and BatchNorm see (B, C, H, W) maps with channels-last strides (oneDNN's fast depthwise path); GELU
         # runs on the same memory viewed as contiguous (B, N, C) tokens.
         x = map_to_tokens(self.conv1(tokens_to_map(x.contiguous(), hw)))  # (B, N, C)
@@ -75,13 +75,13 @@ class DWConv(nn.Module):
         return map_to_tokens(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
 
     @torch.jit.ignore
-    def _fusable(self) -> bool:
+    def fusable(self) -> bool:
         """oneDNN's GELU post-op is the erf GELU; folding needs BatchNorm's running statistics."""
         return isinstance(self.act, nn.GELU) and self.act.approximate == "none" and self.bn.track_running_stats
 
     @torch.jit.ignore
-    def _forward_fused(self, x: torch.Tensor, hw: tuple[int, int], out_scale: torch.Tensor | None,
-                       residual: torch.Tensor | None) -> torch.Tensor:
+    def fused_forward(self, x: torch.Tensor, hw: tuple[int, int], out_scale: torch.Tensor | None,
+                      residual: torch.Tensor | None) -> torch.Tensor:
         """Inference: conv1 with GELU as its post-op, BatchNorm in place, conv2 with ``out_scale`` folded and the
         residual added by the conv itself into the residual's memory (``cpu_inference``); one fresh (B, N, C) buffer
         instead of five (two when the residual is strided or of another dtype, then added afterwards). Accumulating

@@ -16,7 +16,7 @@ from timm.layers import make_divisible
 from timm.models._efficientnet_blocks import SqueezeExcite
 from torch import nn
 
-from .cpu_inference import Linear
+from .cpu_inference import Linear, linear
 from .dwconv import DWConv, map_to_tokens, tokens_to_map
 
 __all__ = ["DWConvMlp", "squeeze_excite"]
@@ -57,3 +57,16 @@ class DWConvMlp(nn.Module):
         if self.se is not None:
             x = map_to_tokens(self.se(tokens_to_map(x.contiguous(), hw)))
         return x
+
+    @torch.jit.ignore
+    def fusable(self) -> bool:
+        """Whether :meth:`fused_forward` computes this module's function (no SE; the DWConv folds)."""
+        return self.se is None and self.dwconv.fusable()
+
+    @torch.jit.ignore
+    def fused_forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """``forward(x, hw)`` on the fused CPU path, the caller having checked it (``fast_inference``, ``fusable``)
+        and that nothing hooks this module: (B, N, C) -> (B, N, out)."""
+        h = linear(x, self.fc1.weight, self.fc1.bias)  # (B, N, hidden)
+        y = self.dwconv.fused_forward(h, hw, self.gamma, h if self.dwconv_residual else None)
+        return linear(y, self.fc2.weight, self.fc2.bias)  # (B, N, out)

@@ -67,3 +67,14 @@ class TokenMixing(nn.Module):
             return x
         # the LayerScale joins the skip connection: one multiply-add pass instead of two folds and an add
         return residual + x if out_scale is None else torch.addcmul(residual, x, out_scale)
+
+    @torch.jit.ignore
+    def fused_forward(self, x: torch.Tensor, out_scale: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``forward(x, out_scale, residual)`` on the fused CPU path with SDPA, the caller having checked both
+        (``fast_inference``, ``fused_attn``) and that nothing hooks this module: (B, N, C) -> (B, N, C)."""
+        B, N, C = x.shape
+        h = self.num_heads
+        q = linear(x, self.q.weight, self.q.bias).view(B, N, h, C // h).transpose(1, 2)  # (B, h, N, d)
+        k, v = linear(x, self.kv.weight, self.kv.bias).view(B, N, 2, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+        return linear(x, self.proj.weight * out_scale[:, None], self.proj.bias * out_scale, residual)

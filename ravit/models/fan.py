@@ -38,6 +38,7 @@ from ..layers import (
     explicit_attention,
     squeeze_excite,
 )
+from ..layers.cpu_inference import fast_inference, hooked, layer_norm
 from ._pretrained import LICENSE, RELEASE_URL, build_fan, fan_cfg
 
 __all__ = ["FAN", "FANBlock", "check_images", "checkpoint_filter_fn", "init_weights"]
@@ -101,6 +102,10 @@ class FANBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, N, C), (H, W) -> ((B, N', C'), (H', W'))."""
+        if not torch.jit.is_scripting():  # noqa: SIM102 (nested: TorchScript then compiles only the reference path)
+            if fast_inference(x, self.training) and self._fusable():
+                x = self._fused_forward(x, hw)
+                return self.downsample(x, hw) if self.downsample is not None else (x, hw)
         # The LayerScale γ's are folded into the branches' last linear maps (same function, fewer passes).
         if self.fused_attn_skip:
             x = self.attn(self.norm1(x), out_scale=self.gamma1, residual=x)
@@ -113,6 +118,25 @@ class FANBlock(nn.Module):
         if self.downsample is not None:
             x, hw = self.downsample(x, hw)
         return x, hw
+
+    @torch.jit.ignore
+    def _fusable(self) -> bool:
+        """Whether :meth:`_fused_forward` computes this block's function: channel processing without stochastic
+        depth, SDPA attention (``capture_attention`` turns it off), LayerNorms, folding convs, and no hook to fire."""
+        if not self.fused_cp:
+            return False
+        # children from the _modules dicts: attribute access would go through Module.__getattr__ each time, and this
+        # runs before every block call
+        children, cp = self._modules, self._modules["mlp"]._modules
+        return (children["attn"].fused_attn and type(children["norm1"]) is type(children["norm2"])
+                is type(cp["norm_v"]) is nn.LayerNorm and cp["mlp_v"].fusable() and not hooked(self))
+
+    @torch.jit.ignore
+    def _fused_forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """The block without its downsample on the fused CPU path (``cpu_inference``): the layers' weights through
+        its functions, no submodule calls; (B, N, C) -> (B, N, C)."""
+        x = self.attn.fused_forward(layer_norm(x, self.norm1), self.gamma1, x)
+        return self.mlp.fused_forward(layer_norm(x, self.norm2), hw, self.gamma2, x)
 
 
 def init_weights(module: nn.Module, name: str = "") -> None:
