@@ -752,6 +752,15 @@ def test_redundancy_discount_by_hand():
     assert torch.equal(ravit.ats.sampling.redundancy_discount(scores, metric, valid, 0.0), scores)
 
 
+def test_redundancy_discount_of_one_image_as_a_vector():
+    """(N,) scores with (N, D) metric (the one-image route) give row 0 of the (1, N) call, bit for bit."""
+    torch.manual_seed(0)
+    metric = F.normalize(torch.randn(1, 50, 8), dim=-1)
+    scores = torch.rand(1, 50).round(decimals=1)  # ties on purpose
+    batched = ravit.ats.sampling.redundancy_discount(scores, metric, None, 6.0)
+    assert torch.equal(ravit.ats.sampling.redundancy_discount(scores[0], metric[0], None, 6.0), batched[0])
+
+
 def _keys_of_block(model, images, block):
     """(B, N, D) unit metric (keys averaged over heads) of ``block``'s tokens on the dense ``model``."""
     with torch.no_grad():

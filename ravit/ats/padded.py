@@ -288,13 +288,13 @@ def filled_topk_forward(block: nn.Module, slots: Slots, num_prefix: int, width: 
     x, size, ids = slots  # (1, L, C), (1, L), (1, L)
     h = block.norm1(x)  # (1, L, C)
     q, k, v = ops.qkv(block, h, ids)  # (1, H, L, D) each, positions applied
-    key_bias = size.log().to(q.dtype).view(1, 1, 1, -1) if fuse else None  # (1, 1, 1, L) proportional attention
+    key_bias = _cast(size.log(), q.dtype) if fuse else None  # (1, L) proportional attention, broadcast as (1, 1, 1, L)
     with torch.no_grad():  # scores and the matching only steer discrete choices
-        cls_bias = _plus(key_bias, ops.position_bias(block, ids[:, :1], ids))  # (1, H|1, 1, L) or None
+        cls_bias = _plus(key_bias, ops.position_bias(block, ids[:, :1], ids))  # (1, L), (1, H, 1, L) or None
         scores = _image_scores(q, k, v, cls_bias, block.attn.scale, value_norm)[P:]  # (N,) N = L - P
         patches = _metric(k)[0, P:] if fuse or redundancy else None  # (N, D)
         if redundancy:
-            scores = redundancy_discount(scores[None], patches[None], None, redundancy)[0]
+            scores = redundancy_discount(scores, patches, None, redundancy)
         ranked = torch.sort(scores, descending=True, stable=True).indices  # (N,) best first, ties to the earlier
         kept, dropped = ranked[:width].sort().values, ranked[width:]  # (width,) in input order, (N - width,)
         index = torch.cat((torch.arange(P, device=kept.device), kept + P))  # (P + width,)
@@ -302,7 +302,7 @@ def filled_topk_forward(block: nn.Module, slots: Slots, num_prefix: int, width: 
     if getattr(block.attn, "gate", None) is not None:  # only a gated attention reads the kept tokens' h
         h = h.index_select(1, index)
     x, ids, size = x.index_select(1, index), ids.index_select(1, index), size.index_select(1, index)
-    bias = _plus(key_bias, ops.position_bias(block, ids, slots.ids))  # (1, H|1, P + width, L) or None
+    bias = _plus(key_bias, ops.position_bias(block, ids, slots.ids))  # (1, L), (1, H, P + width, L) or None
     x = _attention_residual(block, ops, q, k, v, bias, h, x)  # (1, P + width, C)
     if fuse:
         with torch.no_grad():  # each dropped token's slot: its most similar kept token
@@ -313,21 +313,26 @@ def filled_topk_forward(block: nn.Module, slots: Slots, num_prefix: int, width: 
         size = size.index_add(1, target, weight[None])  # (1, P + width) sizes after the merge
         # the size-weighted average (s x + sum w_j x_j) / (s + sum w_j), written as x + sum (w_j / S)(x_j - x) so
         # that only the dropped tokens' rows are computed (no pass over every kept slot)
-        pull = (weight / size[0].index_select(0, target))[:, None].to(x.dtype)  # (N - width, 1)
+        pull = _cast(weight / size[0].index_select(0, target), x.dtype)[:, None]  # (N - width, 1)
         x = x.index_add_(1, target, (slots.x.index_select(1, rows) - x.index_select(1, target)) * pull)
     return Slots(_mlp_residual(block, ops, x), size, ids)
 
 
 def _image_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
                   value_norm: bool) -> torch.Tensor:
-    """:func:`_scores` of one image, (L,), from its (1, H, L, D) q, k, v and (1, H|1, 1, L) class-row bias or None:
-    batched matrix products on (H, ...) views, one op each."""
+    """:func:`_scores` of one image, (L,), from its (1, H, L, D) q, k, v and (1, L) or (1, H, 1, L) class-row bias or
+    None: batched matrix products on (H, ...) views, one op each."""
     q_cls, keys = q[0, :, :1], k[0].transpose(1, 2)  # (H, 1, D), (H, D, L)
     if bias is None:
         logits = torch.bmm(q_cls, keys) * scale  # (H, 1, L)
     else:
-        logits = torch.baddbmm(bias[0].to(q.dtype), q_cls, keys, alpha=scale)  # (H, 1, L)
-    attn = logits.float().softmax(dim=-1).sum(dim=0)[0]  # (L,)
+        logits = torch.baddbmm(_cast(bias[0], q.dtype), q_cls, keys, alpha=scale)  # (H, 1, L)
+    attn = _cast(logits, torch.float32).softmax(dim=-1).sum(dim=0)[0]  # (L,)
     if not value_norm:
         return attn
-    return attn * torch.linalg.vector_norm(v[0].float(), dim=(0, 2))  # norm over all channels, as Eq. 3's
+    return attn * torch.linalg.vector_norm(_cast(v[0], torch.float32), dim=(0, 2))  # norm over all channels, as Eq. 3's
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, skipping the call when ``t`` has that dtype (a no-op cast is still a dispatched op)."""
+    return t if t.dtype == dtype else t.to(dtype)

@@ -63,27 +63,37 @@ def redundancy_discount(scores: torch.Tensor, metric: torch.Tensor, valid: torch
     little) inside ATS's importance ranking (Eq. 3); the top token of each image keeps its score.
 
     Args:
-        scores: (B, N) non-negative scores of the candidate tokens.
-        metric: (B, N, D) unit vectors (the keys averaged over heads, as fusion uses).
+        scores: (B, N) non-negative scores of the candidate tokens, or (N,) those of one image.
+        metric: (B, N, D) unit vectors (the keys averaged over heads, as fusion uses), or (N, D) with (N,) scores.
         valid: (B, N) bool, the real candidates; None when every one is (no mask to apply).
         gamma: the exponent (> 0; larger suppresses near-duplicates harder).
 
     Returns:
-        (B, N) discounted scores, <= ``scores``.
+        Discounted scores, <= ``scores``, shaped as ``scores``.
     """
     # rank order: valid tokens by falling score, ties to the earlier token (a stable sort), padding last
-    ranking = scores.float() if valid is None else scores.float().masked_fill(~valid, float("-inf"))
-    order = _export_sort()(ranking, descending=True)[1]  # (B, N)
-    if order.shape[0] == 1:  # one image: whole rows by index_select, no index expanded over the row
-        ranked = metric.index_select(1, order[0])  # (1, N, D) metric in rank order
+    ranking = _float(scores) if valid is None else _float(scores).masked_fill(~valid, float("-inf"))
+    if ranking.ndim == 1:  # one image given as (N,) (the one-image route, which export never takes)
+        order = torch.sort(ranking, descending=True, stable=True)[1]  # (N,)
+        ranked = metric.index_select(0, order)  # (N, D) metric in rank order
     else:
-        ranked = metric.gather(1, order[..., None].expand(-1, -1, metric.shape[-1]))  # (B, N, D)
+        order = _export_sort()(ranking, descending=True)[1]  # (B, N)
+        if order.shape[0] == 1:  # one image: whole rows by index_select, no index expanded over the row
+            ranked = metric.index_select(1, order[0])  # (1, N, D)
+        else:
+            ranked = metric.gather(1, order[..., None].expand(-1, -1, metric.shape[-1]))  # (B, N, D)
     # row r keeps the similarities to the tokens ranked above it (columns < r); zeros elsewhere, which the clamp
     # below would give anyway
-    sim = torch.tril(ranked @ ranked.transpose(1, 2), diagonal=-1)  # (B, N, N)
-    covered = sim.float().amax(dim=2).clamp(0.0, 1.0)  # (B, N) in rank order; padding covers nobody (ranked last)
-    discount = torch.empty_like(covered).scatter_(1, order, (1.0 - covered) ** gamma)  # (B, N) in token order
+    sim = torch.tril(ranked @ ranked.transpose(-2, -1), diagonal=-1)  # (B, N, N) or (N, N)
+    covered = _float(sim).amax(dim=-1).clamp(0.0, 1.0)  # in rank order; padding covers nobody (ranked last)
+    discount = torch.empty_like(covered).scatter_(-1, order, (1.0 - covered) ** gamma)  # in token order
     return scores * discount
+
+
+def _float(t: torch.Tensor) -> torch.Tensor:
+    """``t.float()``, skipping the call when ``t`` is float32 already: at batch 1 every dispatched op costs time,
+    no-op casts included (the one-image ATS route runs ~80 ops per block)."""
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def samples_per_image(budget: int | float | None, n_valid: torch.Tensor, n_ref: int) -> torch.Tensor:
