@@ -273,13 +273,13 @@ def filled_topk_forward(block: nn.Module, slots: Slots, num_prefix: int, width: 
 
     Static Top-K keeps exactly ``width`` of the filled patch slots, so no slot is ever empty: no validity masks, no
     fill mask, no key mask (only log(size) with fusion), and the kept slots are the first ``width`` of one stable
-    sort (ties to the earlier token, as :func:`~ravit.ats.sampling.topk_sampling`), put back in input order; the rest
-    of that sort are the dropped tokens, so fusion matches and averages only those (not every token with weight 0,
-    and no pass over every kept slot). Written beside the general executor because at batch 1 an ATS block's cost
-    is its op count: measured on DeiT-S (fused Top-K, redundancy 6, every block), 73 ops per ATS block beyond the
-    zero-overhead ceiling's instead of 103, each costing several µs in the model on CPU (dispatch and cache misses
-    included). ``torch.compile`` compiles this route; ``torch.export`` and TorchScript tracing keep the general path
-    (:func:`one_image_route`), whose stable sort ONNX can translate.
+    sort (ties to the earlier token, as :func:`~ravit.ats.sampling.topk_sampling`), put back in input order; the
+    rest of that sort are the dropped tokens, so fusion matches and averages only those (not every token with weight
+    0, and no pass over every kept slot). Written beside the general executor because at batch 1 an ATS block's cost
+    is its op count: measured on DeiT-S (fused Top-K, redundancy 6, every block), 61 ops per ATS block beyond the
+    zero-overhead ceiling's instead of 103 (no dispatched no-op casts among them), each costing several µs in the
+    model on CPU (dispatch and cache misses included). ``torch.compile`` compiles this route; ``torch.export`` and
+    TorchScript tracing keep the general path (:func:`one_image_route`), whose stable sort ONNX can translate.
 
     Arguments as :func:`padded_block_forward`; ``width`` <= the patch slots of ``slots``.
     """
