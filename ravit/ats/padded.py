@@ -35,7 +35,7 @@ from torch import nn
 
 from ravit.ats.block import Tokens
 from ravit.ats.hosts import VIT_OPS, BlockOps
-from ravit.ats.sampling import redundancy_discount
+from ravit.ats.sampling import _cast, redundancy_discount
 
 __all__ = ["Slots", "filled_topk_forward", "one_image_route", "padded_block_forward", "to_tokens"]
 
@@ -332,7 +332,3 @@ def _image_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
         return attn
     return attn * torch.linalg.vector_norm(_cast(v[0], torch.float32), dim=(0, 2))  # norm over all channels, as Eq. 3's
 
-
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)``, skipping the call when ``t`` has that dtype (a no-op cast is still a dispatched op)."""
-    return t if t.dtype == dtype else t.to(dtype)

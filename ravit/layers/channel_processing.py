@@ -66,10 +66,15 @@ class ChannelProcessing(nn.Module):
         return torch.addcmul(residual, v, scale)
 
     @torch.jit.ignore
+    def fusable(self) -> bool:
+        """Whether :meth:`fused_forward` computes this module's function (a LayerNorm on v; the MLP folds)."""
+        return type(self.norm_v) is nn.LayerNorm and self.mlp_v.fusable()
+
+    @torch.jit.ignore
     def fused_forward(self, x: torch.Tensor, hw: tuple[int, int], out_scale: torch.Tensor, residual: torch.Tensor
                       ) -> torch.Tensor:
         """``forward(x, hw, out_scale, residual)`` on the fused CPU path, the caller having checked it
-        (``fast_inference``, ``DWConvMlp.fusable``) and that nothing hooks this module: (B, N, C) -> (B, N, C)."""
+        (``fast_inference``, ``fusable``) and that nothing hooks this module: (B, N, C) -> (B, N, C)."""
         gate = channel_attention_gate(linear(x, self.q.weight, self.q.bias), x, self.temperature)  # (B, 1, C)
         v = layer_norm(self.mlp_v.fused_forward(x, hw), self.norm_v)  # (B, N, C), this call's own buffer
         return torch.addcmul(residual, v, gate * out_scale, out=v)

@@ -20,6 +20,13 @@ from .cpu_inference import Linear, fast_inference, linear
 __all__ = ["TokenMixing"]
 
 
+def _heads(q: torch.Tensor, kv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The q (B, N, C) and kv (B, N, 2C) projections as per-head (B, h, N, d) views (SDPA takes them as they are)."""
+    B, N, C = q.shape
+    k, v = kv.view(B, N, 2, num_heads, C // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    return q.view(B, N, num_heads, C // num_heads).transpose(1, 2), k, v
+
+
 class TokenMixing(nn.Module):
     """Multi-head self-attention with ``q``/``kv``/``proj`` Linears (FAN Sec. 3, "token mixing")."""
 
@@ -47,9 +54,7 @@ class TokenMixing(nn.Module):
         into the projection, or with ``residual`` (B, N, C) joined to the skip connection, ``residual + output``.
         """
         B, N, C = x.shape
-        h = self.num_heads
-        q = self.q(x).view(B, N, h, C // h).transpose(1, 2)  # (B, h, N, d), a strided view: SDPA takes it as is
-        k, v = self.kv(x).view(B, N, 2, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, d)
+        q, k, v = _heads(self.q(x), self.kv(x), self.num_heads)  # each (B, h, N, d)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
@@ -73,8 +78,6 @@ class TokenMixing(nn.Module):
         """``forward(x, out_scale, residual)`` on the fused CPU path with SDPA, the caller having checked both
         (``fast_inference``, ``fused_attn``) and that nothing hooks this module: (B, N, C) -> (B, N, C)."""
         B, N, C = x.shape
-        h = self.num_heads
-        q = linear(x, self.q.weight, self.q.bias).view(B, N, h, C // h).transpose(1, 2)  # (B, h, N, d)
-        k, v = linear(x, self.kv.weight, self.kv.bias).view(B, N, 2, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = _heads(linear(x, self.q.weight, self.q.bias), linear(x, self.kv.weight, self.kv.bias), self.num_heads)
         x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         return linear(x, self.proj.weight * out_scale[:, None], self.proj.bias * out_scale, residual)

@@ -123,13 +123,8 @@ class FANBlock(nn.Module):
     def _fusable(self) -> bool:
         """Whether :meth:`_fused_forward` computes this block's function: channel processing without stochastic
         depth, SDPA attention (``capture_attention`` turns it off), LayerNorms, folding convs, and no hook to fire."""
-        if not self.fused_cp:
-            return False
-        # children from the _modules dicts: attribute access would go through Module.__getattr__ each time, and this
-        # runs before every block call
-        children, cp = self._modules, self._modules["mlp"]._modules
-        return (children["attn"].fused_attn and type(children["norm1"]) is type(children["norm2"])
-                is type(cp["norm_v"]) is nn.LayerNorm and cp["mlp_v"].fusable() and not hooked(self))
+        return (self.fused_cp and self.attn.fused_attn and type(self.norm1) is type(self.norm2) is nn.LayerNorm
+                and self.mlp.fusable() and not hooked(self))
 
     @torch.jit.ignore
     def _fused_forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
