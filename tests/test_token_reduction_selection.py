@@ -92,3 +92,24 @@ def test_summary_reprints_the_table_and_refuses_other_json(bench, tmp_path, caps
         bench.main(["summary", str(bad)])
     with pytest.raises(SystemExit, match="not a readable accuracy JSON"):
         bench.main(["summary", str(tmp_path / "missing.json")])
+
+
+def test_the_few_block_families_place_ats_where_their_settings_say(bench):
+    """Every other block (from 0 or 1) and the pair placement (block 1, then every other block from 2) apply ATS to
+    exactly the blocks their setting names, with K patch tokens (and the class token) left after the last one."""
+    import timm
+    import torch
+
+    model = timm.create_model("vit_tiny_patch16_224", depth=12, img_size=32, patch_size=4, num_classes=3).eval()
+    expected = {"0-10/2": (0, 2, 4, 6, 8, 10), "1-11/2": (1, 3, 5, 7, 9, 11), "1-2,4-10/2": (1, 2, 4, 6, 8, 10)}
+    seen = set()
+    for m in bench.methods(model):
+        if not m.method.endswith(("-alt", "-pair")):
+            continue
+        placement, k = str(m.setting).split(":")
+        reduced = m.apply(bench.copy.deepcopy(model))
+        assert tuple(reduced.ats_config.blocks) == expected[placement], m
+        counts = bench.trace(reduced, torch.randn(2, 3, 32, 32), count_gmacs=False).kept_tokens
+        assert counts[:, -1].eq(int(k) + model.num_prefix_tokens).all(), (m, counts)
+        seen.add(placement)
+    assert seen == set(expected)
