@@ -58,7 +58,7 @@ import io
 import json
 import statistics
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,25 +158,27 @@ def _all_methods(model: torch.nn.Module) -> Iterator[Method]:
                          (first, depth - 1), (0, max(0, depth - 2)), (0, max(0, depth - 3))})
     for start, end in placements:
         for k in sorted({*finals, round(n / 2), 1}, reverse=True):
-            yield Method(f"ats-topk-fused-r{REDUNDANCY:g}", f"{start}-{end}:{k}", lambda m, s=start, e=end, k=k:
-                         apply_ats(m, blocks=range(s, e + 1), budget=k, sampler="topk", schedule="linear",
-                                   fuse="nearest", static=True, redundancy=REDUNDANCY))
+            yield Method(f"ats-topk-fused-r{REDUNDANCY:g}", f"{start}-{end}:{k}",
+                         _redundancy_mode(range(start, end + 1), k))
     # every other block: half the ATS blocks, so half their fixed per-block cost at batch 1, each cutting twice as much
     for start in range(min(2, depth)):
         blocks = range(start, depth, 2)
         for k in sorted({*finals, 1}, reverse=True):
             yield Method(f"ats-topk-fused-r{REDUNDANCY:g}-alt", f"{start}-{blocks[-1]}/2:{k}",
-                         lambda m, b=blocks, k=k: apply_ats(m, blocks=b, budget=k, sampler="topk", schedule="linear",
-                                                            fuse="nearest", static=True, redundancy=REDUNDANCY))
+                         _redundancy_mode(blocks, k))
     # block 1, then every other block from 2 ("0-10/2" with its first ATS block moved to block 1): found in a search
     # over seven placements of six to eight ATS blocks on the 12-block zoo ViT (README)
     pair = [1, *range(2, depth, 2)]
     if depth > 2:
         placement = f"1-2,4-{pair[-1]}/2" if len(pair) > 2 else "1-2"
         for k in sorted({*finals, round(n / 2), 1}, reverse=True):
-            yield Method(f"ats-topk-fused-r{REDUNDANCY:g}-pair", f"{placement}:{k}",
-                         lambda m, b=pair, k=k: apply_ats(m, blocks=b, budget=k, sampler="topk", schedule="linear",
-                                                          fuse="nearest", static=True, redundancy=REDUNDANCY))
+            yield Method(f"ats-topk-fused-r{REDUNDANCY:g}-pair", f"{placement}:{k}", _redundancy_mode(pair, k))
+
+
+def _redundancy_mode(blocks: Sequence[int], k: int) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    """Applies static fused Top-K with ``redundancy=REDUNDANCY`` on ``blocks``, linearly to ``k`` patch tokens."""
+    return lambda m: apply_ats(m, blocks=blocks, budget=k, sampler="topk", schedule="linear", fuse="nearest",
+                               static=True, redundancy=REDUNDANCY)
 
 
 def _zoo_or_timm(name: str) -> tuple[torch.nn.Module, bool]:

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
+import torch
 
 from ravit.errors import InvalidArgumentError
 
@@ -97,9 +99,6 @@ def test_summary_reprints_the_table_and_refuses_other_json(bench, tmp_path, caps
 def test_the_few_block_families_place_ats_where_their_settings_say(bench):
     """Every other block (from 0 or 1) and the pair placement (block 1, then every other block from 2) apply ATS to
     exactly the blocks their setting names, with K patch tokens (and the class token) left after the last one."""
-    import timm
-    import torch
-
     model = timm.create_model("vit_tiny_patch16_224", depth=12, img_size=32, patch_size=4, num_classes=3).eval()
     expected = {"0-10/2": (0, 2, 4, 6, 8, 10), "1-11/2": (1, 3, 5, 7, 9, 11), "1-2,4-10/2": (1, 2, 4, 6, 8, 10)}
     seen = set()

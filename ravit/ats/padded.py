@@ -35,7 +35,7 @@ from torch import nn
 
 from ravit.ats.block import Tokens
 from ravit.ats.hosts import VIT_OPS, BlockOps
-from ravit.ats.sampling import _cast, redundancy_discount
+from ravit.ats.sampling import as_dtype, redundancy_discount
 
 __all__ = ["Slots", "filled_topk_forward", "one_image_route", "padded_block_forward", "to_tokens"]
 
@@ -288,7 +288,7 @@ def filled_topk_forward(block: nn.Module, slots: Slots, num_prefix: int, width: 
     x, size, ids = slots  # (1, L, C), (1, L), (1, L)
     h = block.norm1(x)  # (1, L, C)
     q, k, v = ops.qkv(block, h, ids)  # (1, H, L, D) each, positions applied
-    key_bias = _cast(size.log(), q.dtype) if fuse else None  # (1, L) proportional attention, broadcast as (1, 1, 1, L)
+    key_bias = as_dtype(size.log(), q.dtype) if fuse else None  # (1, L) proportional attention, as (1, 1, 1, L)
     with torch.no_grad():  # scores and the matching only steer discrete choices
         cls_bias = _plus(key_bias, ops.position_bias(block, ids[:, :1], ids))  # (1, L), (1, H, 1, L) or None
         scores = _image_scores(q, k, v, cls_bias, block.attn.scale, value_norm)[P:]  # (N,) N = L - P
@@ -313,7 +313,7 @@ def filled_topk_forward(block: nn.Module, slots: Slots, num_prefix: int, width: 
         size = size.index_add(1, target, weight[None])  # (1, P + width) sizes after the merge
         # the size-weighted average (s x + sum w_j x_j) / (s + sum w_j), written as x + sum (w_j / S)(x_j - x) so
         # that only the dropped tokens' rows are computed (no pass over every kept slot)
-        pull = _cast(weight / size[0].index_select(0, target), x.dtype)[:, None]  # (N - width, 1)
+        pull = as_dtype(weight / size[0].index_select(0, target), x.dtype)[:, None]  # (N - width, 1)
         x = x.index_add_(1, target, (slots.x.index_select(1, rows) - x.index_select(1, target)) * pull)
     return Slots(_mlp_residual(block, ops, x), size, ids)
 
@@ -326,9 +326,8 @@ def _image_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
     if bias is None:
         logits = torch.bmm(q_cls, keys) * scale  # (H, 1, L)
     else:
-        logits = torch.baddbmm(_cast(bias[0], q.dtype), q_cls, keys, alpha=scale)  # (H, 1, L)
-    attn = _cast(logits, torch.float32).softmax(dim=-1).sum(dim=0)[0]  # (L,)
+        logits = torch.baddbmm(as_dtype(bias[0], q.dtype), q_cls, keys, alpha=scale)  # (H, 1, L)
+    attn = as_dtype(logits, torch.float32).softmax(dim=-1).sum(dim=0)[0]  # (L,)
     if not value_norm:
         return attn
-    return attn * torch.linalg.vector_norm(_cast(v[0], torch.float32), dim=(0, 2))  # norm over all channels, as Eq. 3's
-
+    return attn * torch.linalg.vector_norm(as_dtype(v[0], torch.float32), dim=(0, 2))  # over all channels, as Eq. 3's

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "class_attention_scores", "inverse_transform_sampling", "redundancy_discount", "samples_per_image", "stable_sort",
-    "static_sampler", "topk_sampling",
+    "as_dtype", "class_attention_scores", "inverse_transform_sampling", "redundancy_discount", "samples_per_image",
+    "stable_sort", "static_sampler", "topk_sampling",
 ]
 
 
@@ -72,7 +72,7 @@ def redundancy_discount(scores: torch.Tensor, metric: torch.Tensor, valid: torch
         Discounted scores, <= ``scores``, shaped as ``scores``.
     """
     # rank order: valid tokens by falling score, ties to the earlier token (a stable sort), padding last
-    ranking = _cast(scores, torch.float32)
+    ranking = as_dtype(scores, torch.float32)
     ranking = ranking if valid is None else ranking.masked_fill(~valid, float("-inf"))
     if ranking.ndim == 1:  # one image given as (N,) (the one-image route, which export never takes)
         order = torch.sort(ranking, descending=True, stable=True)[1]  # (N,)
@@ -86,12 +86,12 @@ def redundancy_discount(scores: torch.Tensor, metric: torch.Tensor, valid: torch
     # row r keeps the similarities to the tokens ranked above it (columns < r); zeros elsewhere, which the clamp
     # below would give anyway
     sim = torch.tril(ranked @ ranked.transpose(-2, -1), diagonal=-1)  # (B, N, N) or (N, N)
-    covered = _cast(sim, torch.float32).amax(dim=-1).clamp(0.0, 1.0)  # in rank order; padding covers nobody
+    covered = as_dtype(sim, torch.float32).amax(dim=-1).clamp(0.0, 1.0)  # in rank order; padding covers nobody
     discount = torch.empty_like(covered).scatter_(-1, order, (1.0 - covered) ** gamma)  # in token order
     return scores * discount
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)``, skipping the call when ``t`` has that dtype: at batch 1 every dispatched op costs time, no-op
     casts included (the one-image ATS route runs ~60 ops per block beyond the dense block's)."""
     return t if t.dtype == dtype else t.to(dtype)
