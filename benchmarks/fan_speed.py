@@ -12,7 +12,9 @@ clone of NVlabs/FAN; never part of this repository) the way a user would: each s
 ``--official-timm``), alternating official / ravit over ``--pairs`` pairs with the order swapped every pair, the
 same random weights (saved once by the released code under its key names, loaded by both) and the same inputs. It
 prints both medians, the ratio (released time ÷ ravit time: above 1 means ravit is faster) of every pair, their
-median and min–max, and the max |Δlogit| between the two sides.
+median and min–max, and the max |Δlogit| between the two sides. ravit's side uses its CPU kernels when they are built
+(``ravit kernels build``; the header says whether they ran); ``RAVIT_CPU_KERNELS=0`` in the environment times its
+oneDNN path instead.
 
     .venv/bin/python benchmarks/fan_speed.py --official-src ~/src/FAN --batch-size 8 --pairs 5
 
@@ -93,7 +95,8 @@ KINDS = {
     "matmul": ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"),
     "convolution": ("aten::mkldnn_convolution", "aten::_convolution", "aten::thnn_conv2d",
-                    "mkldnn::_convolution_pointwise"),  # ravit's inference path: conv (+ folded BN, + GELU)
+                    "mkldnn::_convolution_pointwise",  # ravit's inference path: conv (+ folded BN, + GELU)
+                    "ravit::dwconv_chain"),  # ravit's CPU kernel: depthwise conv, GELU, BN, depthwise conv
     "gelu": ("aten::gelu",),
 }
 
@@ -171,16 +174,19 @@ def compare_released(args) -> list[dict]:
                     faults[side].append(result["minor_faults_per_forward"])
                     if side == "official":
                         versions = result["timm"]
+                    else:
+                        kernels = result["cpu_kernels"]
             ratios = [o / r for o, r in zip(medians["official"], medians["ravit"], strict=True)]
             delta = (torch.load(Path(tmp, "official.pt")) - torch.load(Path(tmp, "ravit.pt"))).abs().max().item()
             rows.append(dict(model=name, official_median_ms=[m * 1e3 for m in medians["official"]],
                              ravit_median_ms=[m * 1e3 for m in medians["ravit"]], ratios=ratios,
                              ratio_median=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
-                             max_abs_logit_diff=delta, official_timm=versions,
+                             max_abs_logit_diff=delta, official_timm=versions, ravit_cpu_kernels=kernels,
                              official_faults_per_forward=statistics.median(faults["official"]),
                              ravit_faults_per_forward=statistics.median(faults["ravit"])))
     print(f"released code (timm {rows[0]['official_timm'] if rows else '?'}, own process) vs ravit "
-          f"(timm {__import__('timm').__version__}, own process); {args.device}, "
+          f"(timm {__import__('timm').__version__}, own process, its CPU kernels "
+          f"{'on' if rows and rows[0]['ravit_cpu_kernels'] else 'off'}); {args.device}, "
           f"{'bf16 autocast' if args.amp else 'fp32'}, batch {args.batch_size} at {args.img_size}, median of "
           f"{args.iters} forwards per process, {args.pairs} alternating pairs; ratio = released ÷ ravit time")
     print(f"{'model':24s} {'released ms':>12s} {'ravit ms':>9s} {'ratio':>6s} {'min–max':>12s} {'max|Δlogit|':>12s} "

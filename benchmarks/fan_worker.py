@@ -74,8 +74,13 @@ def main() -> None:
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.iters
     if args.logits:
         torch.save(logits.float().cpu(), args.logits)
+    kernels = None
+    if args.side == "ravit":  # whether ravit's own CPU kernels ran (built, not switched off by RAVIT_CPU_KERNELS=0)
+        from ravit.layers import cpu_kernels
+
+        kernels = device.type == "cpu" and not args.amp and cpu_kernels.available()
     print(json.dumps(dict(side=args.side, model=args.model, median_s=statistics.median(times), times_s=times,
-                          minor_faults_per_forward=faults,
+                          minor_faults_per_forward=faults, cpu_kernels=kernels,
                           threads=torch.get_num_threads(), torch=torch.__version__,
                           timm=importlib.import_module("timm").__version__)))
 

@@ -19,6 +19,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ ci/constraints.txt 
   touch "$stamp"
 fi
 
+# ravit's CPU kernels for FAN inference, compiled once for this machine and torch (ravit/layers/cpu_kernels.py);
+# without them FAN runs its oneDNN path: same outputs, slower on a CPU
+if ! "$VENV/bin/ravit" kernels build; then
+  echo "[setup] ravit's CPU kernels were not built (see above); FAN falls back to its oneDNN path" >&2
+fi
+
 if [ ! -f "$FMNIST_DIR/t10k-images-idx3-ubyte.gz" ] && [ -z "${RAVIT_FMNIST_DIR:-}" ]; then
   echo "[setup] Fashion-MNIST not found at $FMNIST_DIR; installing the Debian package dataset-fashion-mnist"
   SUDO=""

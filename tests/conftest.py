@@ -41,6 +41,24 @@ def parity_manifest(parity_dir: Path) -> dict:
     return json.loads((parity_dir / "manifest.json").read_text())
 
 
+@pytest.fixture(scope="session")
+def cpu_kernels_built() -> None:
+    """ravit's CPU kernels, built for this machine (``scripts/setup.sh`` already did: then a no-op) and loaded; skips
+    where this machine cannot build them (no AVX2/AVX-512, no C++ compiler)."""
+    from ravit.layers import cpu_kernels
+
+    try:
+        cpu_kernels.build()
+    except cpu_kernels.KernelBuildError as err:
+        pytest.skip(f"ravit's CPU kernels cannot be built here: {err}")
+    previous = os.environ.pop("RAVIT_CPU_KERNELS", None)
+    try:
+        assert cpu_kernels.available()
+    finally:
+        if previous is not None:
+            os.environ["RAVIT_CPU_KERNELS"] = previous
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors: a second thread costs more than it gains on a busy CI box."""

@@ -9,10 +9,13 @@ from torch import nn
 
 import ravit
 from ravit.layers import cpu_inference
+from ravit.layers.channel_processing import ChannelProcessing
 from ravit.layers.cpu_inference import fast_inference
 
 FUSED_OP = "mkldnn::_convolution_pointwise"
 FUSED_LINEAR = "mkldnn::_linear_pointwise"
+CHAIN_KERNEL = "ravit::dwconv_chain"
+GATE_KERNEL = "ravit::channel_gate"
 CASES = [
     ("test_fan_vit", {}),
     ("test_fan_vit", dict(patch_size=8)),
@@ -43,20 +46,29 @@ def _ops(fn) -> set[str]:
     return {event.name for event in prof.events()}
 
 
+@pytest.mark.parametrize("kernels", ["onednn-chain", "ravit-kernels"])
 @pytest.mark.parametrize("mkl_max_macs", [0, 2**40], ids=["onednn-linears", "mkl-linears"])
 @pytest.mark.parametrize(("name", "kwargs"), CASES, ids=lambda v: str(v))
-def test_fused_path_equals_reference(name, kwargs, mkl_max_macs, monkeypatch):
-    """Both routes of the fused linears (oneDNN above the size threshold, MKL's addmm below) give the reference."""
+def test_fused_path_equals_reference(name, kwargs, mkl_max_macs, kernels, monkeypatch, request):
+    """Both routes of the fused linears (oneDNN above the size threshold, MKL's addmm below), and both routes of the
+    depthwise-conv chain and channel gate (oneDNN ops, or ravit's own kernels where built), give the reference."""
     monkeypatch.setattr(cpu_inference, "_MKL_MAX_MACS", mkl_max_macs)
+    if kernels == "ravit-kernels":
+        request.getfixturevalue("cpu_kernels_built")
+    monkeypatch.setenv("RAVIT_CPU_KERNELS", "1" if kernels == "ravit-kernels" else "0")
     model = _model(name, kwargs)
     images = torch.randn(3, 3, 64, 64) if name != "test_fan_swin" else torch.randn(3, 3, 224, 224)
     reference = model(images).detach()  # autograd on: the reference modules
     with torch.inference_mode():
         fused = model(images)
         ops = _ops(lambda: model(images))
-        assert FUSED_OP in ops
         assert (FUSED_LINEAR in ops) == (mkl_max_macs == 0)
-    assert not {FUSED_OP, FUSED_LINEAR} & _ops(lambda: model(images))
+        if kernels == "ravit-kernels":  # every case has DWConv mixers; the SE variant has no channel attention
+            assert CHAIN_KERNEL in ops
+            assert (GATE_KERNEL in ops) == any(isinstance(m, ChannelProcessing) for m in model.modules())
+        else:
+            assert FUSED_OP in ops and not {CHAIN_KERNEL, GATE_KERNEL} & ops
+    assert not {FUSED_OP, FUSED_LINEAR, CHAIN_KERNEL, GATE_KERNEL} & _ops(lambda: model(images))
     torch.testing.assert_close(fused, reference, rtol=0, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(model(images), reference, rtol=0, atol=1e-5)

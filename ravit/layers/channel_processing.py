@@ -12,6 +12,7 @@ from torch import nn
 
 from ravit.errors import InvalidArgumentError
 
+from . import cpu_kernels
 from .cpu_inference import Linear, fast_inference, layer_norm, linear
 from .mlp import DWConvMlp
 
@@ -55,15 +56,31 @@ class ChannelProcessing(nn.Module):
         ``out_scale`` (C,) multiplies the output (folded into the gate); with ``residual`` the result is
         ``residual + output`` in one pass. Both serve the block's LayerScale and skip connection.
         """
+        if not torch.jit.is_scripting():  # noqa: SIM102 (nested: TorchScript then compiles only the reference path)
+            if fast_inference(x, self.training):
+                return self.inference_forward(x, hw, out_scale, residual)
         gate = self.attn_drop(channel_attention_gate(self.q(x), x, self.temperature))  # (B, 1, C)
         v = self.norm_v(self.mlp_v(x, hw))  # (B, N, C)
         scale = gate if out_scale is None else gate * out_scale
-        if residual is None:
-            return v * scale
-        if not torch.jit.is_scripting():  # noqa: SIM102 (nested: TorchScript then compiles only the reference path)
-            if fast_inference(v, self.training):
-                return torch.addcmul(residual, v, scale, out=v)  # v is this call's own buffer: reuse it
-        return torch.addcmul(residual, v, scale)
+        return v * scale if residual is None else torch.addcmul(residual, v, scale)
+
+    @torch.jit.ignore
+    def inference_forward(self, x: torch.Tensor, hw: tuple[int, int], out_scale: torch.Tensor | None,
+                          residual: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`forward` where no gradient flows (``fast_inference``), through the submodules (so their hooks fire):
+        the gate from :meth:`inference_gate`, the skip connection added into v's own buffer."""
+        scale = self.inference_gate(self.q(x), x, out_scale)  # (B, 1, C)
+        v = self.norm_v(self.mlp_v(x, hw))  # (B, N, C), this call's own buffer
+        return v * scale if residual is None else torch.addcmul(residual, v, scale, out=v)
+
+    @torch.jit.ignore
+    def inference_gate(self, q: torch.Tensor, x: torch.Tensor, out_scale: torch.Tensor | None) -> torch.Tensor:
+        """The gate times ``out_scale`` (B, 1, C) of q = ``self.q(x)``, both (B, N, C), where no gradient flows
+        (``fast_inference``): one op of ravit's kernels where they are built (``cpu_kernels``), else the reference."""
+        if cpu_kernels.available() and x.dtype == q.dtype == torch.float32 and x.device.type == "cpu":
+            return cpu_kernels.channel_gate(q, x, self.temperature, out_scale)
+        gate = channel_attention_gate(q, x, self.temperature)  # (B, 1, C)
+        return gate if out_scale is None else gate * out_scale
 
     @torch.jit.ignore
     def fusable(self) -> bool:
@@ -75,6 +92,6 @@ class ChannelProcessing(nn.Module):
                       ) -> torch.Tensor:
         """``forward(x, hw, out_scale, residual)`` on the fused CPU path, the caller having checked it
         (``fast_inference``, ``fusable``) and that nothing hooks this module: (B, N, C) -> (B, N, C)."""
-        gate = channel_attention_gate(linear(x, self.q.weight, self.q.bias), x, self.temperature)  # (B, 1, C)
+        scale = self.inference_gate(linear(x, self.q.weight, self.q.bias), x, out_scale)  # (B, 1, C)
         v = layer_norm(self.mlp_v.fused_forward(x, hw), self.norm_v)  # (B, N, C), this call's own buffer
-        return torch.addcmul(residual, v, gate * out_scale, out=v)
+        return torch.addcmul(residual, v, scale, out=v)

@@ -13,6 +13,7 @@ from torch import nn
 
 from ravit.errors import InvalidArgumentError
 
+from . import cpu_kernels
 from .cpu_inference import bn_scale_shift, conv_act, fast_inference
 
 __all__ = ["DWConv", "tokens_to_map", "map_to_tokens"]
@@ -82,11 +83,13 @@ class DWConv(nn.Module):
     @torch.jit.ignore
     def fused_forward(self, x: torch.Tensor, hw: tuple[int, int], out_scale: torch.Tensor | None,
                       residual: torch.Tensor | None) -> torch.Tensor:
-        """Inference: conv1 with GELU as its post-op, BatchNorm in place, conv2 with ``out_scale`` folded and the
-        residual added by the conv itself into the residual's memory (``cpu_inference``); one fresh (B, N, C) buffer
-        instead of five (two when the residual is strided or of another dtype, then added afterwards). Accumulating
-        into a warm buffer measured 1-2% faster for a whole FAN-T than adding into conv2's fresh output, and than the
-        out-of-place fused conv + add."""
+        """Inference: ravit's one-pass kernel where it is built and applies (``cpu_kernels``), else conv1 with GELU as
+        its post-op, BatchNorm in place, conv2 with ``out_scale`` folded and the residual added by the conv itself
+        into the residual's memory (``cpu_inference``); one fresh (B, N, C) buffer instead of five (two when the
+        residual is strided or of another dtype, then added afterwards). Accumulating into a warm buffer measured 1-2%
+        faster for a whole FAN-T than adding into conv2's fresh output, and than the out-of-place fused conv + add."""
+        if cpu_kernels.available() and cpu_kernels.supports_chain(x, self.conv1, self.conv2):
+            return cpu_kernels.dwconv_chain(x, hw, self.conv1, self.bn, self.conv2, out_scale, residual)
         x = conv_act(tokens_to_map(x.contiguous(), hw), self.conv1, act="gelu")  # (B, C, H, W), channels-last
         scale, shift = bn_scale_shift(self.bn)
         x = torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1), out=x)
