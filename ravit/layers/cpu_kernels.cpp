@@ -72,6 +72,26 @@ void chain_params(const ChainArgs& a, int64_t c, ChainParams<kCB>& p) {
   }
 }
 
+// acc = bias + the 3x3 taps around pixel (i, j) of a map whose pixel p starts at src + p * stride (zero outside);
+// weights w[tap][lane]. Interior pixels take the unrolled nine taps, border pixels skip the taps outside.
+template <int kNV>
+inline void taps(const float* src, int64_t stride, const float (*w)[kNV * kLanes], const float* bias, int64_t i,
+                 int64_t j, int64_t H, int64_t W, Vec* acc) {
+  for (int v = 0; v < kNV; ++v) acc[v] = Vec::loadu(bias + v * kLanes);
+  const bool interior = i > 0 && i + 1 < H && j > 0 && j + 1 < W;
+  for (int64_t di = -1; di <= 1; ++di) {
+    if (!interior && (i + di < 0 || i + di >= H)) continue;
+    for (int64_t dj = -1; dj <= 1; ++dj) {
+      if (!interior && (j + dj < 0 || j + dj >= W)) continue;
+      const float* ps = src + ((i + di) * W + j + dj) * stride;
+      const float* pw = w[(di + 1) * 3 + dj + 1];
+      for (int v = 0; v < kNV; ++v) {
+        acc[v] = at::vec::fmadd(Vec::loadu(pw + v * kLanes), Vec::loadu(ps + v * kLanes), acc[v]);
+      }
+    }
+  }
+}
+
 // One image, channels [c, c + kNV lanes): g = BN(GELU(conv1(x))) into the scratch g (H, W, kCB), then
 // out = [out +] conv2(g). Every read of x happens before the first write of out, so out may be x itself.
 template <int kNV>
@@ -86,18 +106,7 @@ void chain_block(const float* x, float* out, float* g, int64_t H, int64_t W, int
         for (int v = 0; v < kNV; ++v) __builtin_prefetch(x + ((i + 2) * W + j) * C + c + v * kLanes, 0, 3);
       }
       Vec acc[kNV];
-      for (int v = 0; v < kNV; ++v) acc[v] = Vec::loadu(p.b1 + v * kLanes);
-      for (int64_t di = -1; di <= 1; ++di) {
-        if (i + di < 0 || i + di >= H) continue;
-        for (int64_t dj = -1; dj <= 1; ++dj) {
-          if (j + dj < 0 || j + dj >= W) continue;
-          const float* px = x + ((i + di) * W + j + dj) * C + c;
-          const float* pw = p.w1[(di + 1) * 3 + dj + 1];
-          for (int v = 0; v < kNV; ++v) {
-            acc[v] = at::vec::fmadd(Vec::loadu(pw + v * kLanes), Vec::loadu(px + v * kLanes), acc[v]);
-          }
-        }
-      }
+      taps<kNV>(x + c, C, p.w1, p.b1, i, j, H, W, acc);
       float* pg = g + (i * W + j) * kCB;
       for (int v = 0; v < kNV; ++v) {
         at::vec::fmadd(gelu(acc[v]), Vec::loadu(p.scale + v * kLanes), Vec::loadu(p.shift + v * kLanes))
@@ -108,18 +117,7 @@ void chain_block(const float* x, float* out, float* g, int64_t H, int64_t W, int
   for (int64_t i = 0; i < H; ++i) {
     for (int64_t j = 0; j < W; ++j) {
       Vec acc[kNV];
-      for (int v = 0; v < kNV; ++v) acc[v] = Vec::loadu(p.b2 + v * kLanes);
-      for (int64_t di = -1; di <= 1; ++di) {
-        if (i + di < 0 || i + di >= H) continue;
-        for (int64_t dj = -1; dj <= 1; ++dj) {
-          if (j + dj < 0 || j + dj >= W) continue;
-          const float* pg = g + ((i + di) * W + j + dj) * kCB;
-          const float* pw = p.w2[(di + 1) * 3 + dj + 1];
-          for (int v = 0; v < kNV; ++v) {
-            acc[v] = at::vec::fmadd(Vec::loadu(pw + v * kLanes), Vec::loadu(pg + v * kLanes), acc[v]);
-          }
-        }
-      }
+      taps<kNV>(g, kCB, p.w2, p.b2, i, j, H, W, acc);
       float* po = out + (i * W + j) * C + c;
       for (int v = 0; v < kNV; ++v) {
         (accumulate ? acc[v] + Vec::loadu(po + v * kLanes) : acc[v]).store(po + v * kLanes);
