@@ -11,7 +11,8 @@ Two parts of a FAN block cost far more on a CPU in eager PyTorch than their arit
 ``ravit::dwconv_chain`` runs the chain in one pass per (image, channel block), the intermediate map staying in the
 core's cache; ``ravit::channel_gate`` computes the gate per (image, head) in one op. Neither torch, timm nor oneDNN
 has such kernels, hence these ~250 lines of C++ on ATen's vector types. Measured on FAN-T at 224, fp32, 2 threads,
-in-process alternating rounds (README): 28.0 → 24.2 ms at batch 1, 135 → 127 ms at batch 8; outputs within 1e-6.
+12 alternating rounds in one process (README): 25.1 → 20.6 ms at batch 1, 123 → 113 ms at batch 8; outputs within
+1e-6.
 
 They are compiled for this machine's CPU (AVX-512 or AVX2, as ``torch.backends.cpu.get_cpu_capability()`` reports)
 and this torch by ``ravit kernels build`` (``scripts/setup.sh`` runs it), with the C++ compiler and torch's own
