@@ -60,9 +60,11 @@ class ConvPatchEmbed(XCiTConvPatchEmbed):
     @torch.jit.ignore
     def _forward_fused(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Inference: each stage one channels-last oneDNN conv with its BatchNorm folded and the following GELU as
-        post-op (``cpu_inference``): one fresh map per stage instead of three."""
+        post-op (``cpu_inference``): one fresh map per stage instead of three. The first conv reads the images in
+        their own layout (no channels-last copy of the batch)."""
         last = len(self.proj) - 1
         for i in range(0, len(self.proj), 2):
             conv, bn = self.proj[i]
-            x = conv_act(x, conv, bn, act="gelu" if i < last else "none")  # (B, C_i, H_i, W_i), channels-last
+            # (B, C_i, H_i, W_i), channels-last
+            x = conv_act(x, conv, bn, act="gelu" if i < last else "none", read_input_as_is=i == 0)
         return map_to_tokens(x), (x.shape[2], x.shape[3])  # (B, N, C): a view, contiguous
