@@ -244,3 +244,27 @@ def test_hooked_sees_module_global_and_nested_hooks():
     assert cpu_inference.hooked(block)
     handle.remove()
     assert not cpu_inference.hooked(block)
+
+
+
+def test_stem_hands_the_images_to_the_first_conv_as_given():
+    """The stem passes the NCHW image batch to oneDNN's conv as it is (any channels-last copy is the op's own), and
+    its tokens equal the reference stem's."""
+    model = _model("test_fan_vit", {})
+    images = torch.randn(2, 3, 64, 64)
+    reference = model.patch_embed(images)[0].detach()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.inference_mode(), torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        tokens = model.patch_embed(images)[0]
+
+    def inside_conv(event) -> bool:
+        while event is not None:
+            if event.name == FUSED_OP:
+                return True
+            event = event.cpu_parent
+        return False
+
+    on_images = [e for e in prof.events() if list(images.shape) in e.input_shapes]
+    assert any(e.name == FUSED_OP for e in on_images)
+    assert all(inside_conv(e) for e in on_images if e.name in ("aten::contiguous", "aten::copy_", "aten::clone"))
+    torch.testing.assert_close(tokens, reference, rtol=0, atol=1e-5)

@@ -60,8 +60,9 @@ class ConvPatchEmbed(XCiTConvPatchEmbed):
     @torch.jit.ignore
     def _forward_fused(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Inference: each stage one channels-last oneDNN conv with its BatchNorm folded and the following GELU as
-        post-op (``cpu_inference``): one fresh map per stage instead of three. The first conv reads the images in
-        their own layout (no channels-last copy of the batch)."""
+        post-op (``cpu_inference``): one fresh map per stage instead of three. The images go to the first conv as
+        they are (``read_input_as_is``: the op copies them to channels-last itself, which spares the heap's
+        trim-and-refault cycle at batch 8)."""
         last = len(self.proj) - 1
         for i in range(0, len(self.proj), 2):
             conv, bn = self.proj[i]

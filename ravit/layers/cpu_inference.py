@@ -91,9 +91,11 @@ def conv_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None,
     ``bn`` (applied right after the conv, eval statistics) is folded into the weight and bias; ``act`` is "none" or
     "gelu" (erf GELU, nn.GELU's default); ``out_scale`` (C_out,) multiplies the result (folded too). The input is
     made channels-last first (a no-op for token maps), oneDNN's fast layout; with ``read_input_as_is`` the weight is
-    made channels-last instead and oneDNN reads x in its own layout, still writing a channels-last output: for the
-    stem's first conv on an NCHW image batch this skips a copy of the batch (measured on FAN-T's stem at batch 8:
-    7.6 against 13.2 ms, the copy's 4.8 MB temporary having brought ~4,000 page faults per call; level at batch 1).
+    made channels-last instead and x is handed to the op as it is (the op then makes its own channels-last copy and
+    still writes a channels-last output). For the stem's first conv on an NCHW image batch that only moves the copy
+    into the op, yet it changes the order of the stem's large allocations enough that glibc no longer trims and
+    refaults the heap every forward (measured on FAN-T's stem at batch 8: 7.6 against 13.2 ms and 0 against ~4,000
+    page faults per call; level at batch 1), the same output.
     With ``accumulate`` (a channels-last (B, C_out, H', W') map, ``act`` "none") the conv adds its result into that
     tensor in place and returns it.
     """
