@@ -77,7 +77,7 @@ class ChannelProcessing(nn.Module):
     def inference_gate(self, q: torch.Tensor, x: torch.Tensor, out_scale: torch.Tensor | None) -> torch.Tensor:
         """The gate times ``out_scale`` (B, 1, C) of q = ``self.q(x)``, both (B, N, C), where no gradient flows
         (``fast_inference``): one op of ravit's kernels where they are built (``cpu_kernels``), else the reference."""
-        if cpu_kernels.available() and x.dtype == q.dtype == torch.float32 and x.device.type == "cpu":
+        if cpu_kernels.available() and x.dtype == q.dtype == torch.float32:
             return cpu_kernels.channel_gate(q, x, self.temperature, out_scale)
         gate = channel_attention_gate(q, x, self.temperature)  # (B, 1, C)
         return gate if out_scale is None else gate * out_scale

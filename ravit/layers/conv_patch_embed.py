@@ -61,11 +61,10 @@ class ConvPatchEmbed(XCiTConvPatchEmbed):
     def _forward_fused(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Inference: each stage one channels-last oneDNN conv with its BatchNorm folded and the following GELU as
         post-op (``cpu_inference``): one fresh map per stage instead of three. The images go to the first conv as
-        they are (``read_input_as_is``: the op copies them to channels-last itself, which spares the heap's
-        trim-and-refault cycle at batch 8)."""
+        they are (the op copies them to channels-last itself, which spares the heap's trim-and-refault cycle at
+        batch 8)."""
         last = len(self.proj) - 1
         for i in range(0, len(self.proj), 2):
             conv, bn = self.proj[i]
-            # (B, C_i, H_i, W_i), channels-last
-            x = conv_act(x, conv, bn, act="gelu" if i < last else "none", read_input_as_is=i == 0)
+            x = conv_act(x, conv, bn, act="gelu" if i < last else "none")  # (B, C_i, H_i, W_i), channels-last
         return map_to_tokens(x), (x.shape[2], x.shape[3])  # (B, N, C): a view, contiguous

@@ -84,18 +84,16 @@ def _operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
 
 @torch.jit.ignore
 def conv_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, act: str = "none",
-             out_scale: torch.Tensor | None = None, accumulate: torch.Tensor | None = None,
-             read_input_as_is: bool = False) -> torch.Tensor:
+             out_scale: torch.Tensor | None = None, accumulate: torch.Tensor | None = None) -> torch.Tensor:
     """act(BN(conv(x))) · out_scale as one oneDNN convolution; x (B, C_in, H, W) -> (B, C_out, H', W') channels-last.
 
     ``bn`` (applied right after the conv, eval statistics) is folded into the weight and bias; ``act`` is "none" or
-    "gelu" (erf GELU, nn.GELU's default); ``out_scale`` (C_out,) multiplies the result (folded too). The input is
-    made channels-last first (a no-op for token maps), oneDNN's fast layout; with ``read_input_as_is`` the weight is
-    made channels-last instead and x is handed to the op as it is (the op then makes its own channels-last copy and
-    still writes a channels-last output). For the stem's first conv on an NCHW image batch that only moves the copy
-    into the op, yet it changes the order of the stem's large allocations enough that glibc no longer trims and
-    refaults the heap every forward (measured on FAN-T's stem at batch 8: 7.6 against 13.2 ms and 0 against ~4,000
-    page faults per call; level at batch 1), the same output.
+    "gelu" (erf GELU, nn.GELU's default); ``out_scale`` (C_out,) multiplies the result (folded too). The weight is
+    made channels-last, which makes oneDNN run channels-last (its fast layout) and write a channels-last output; x is
+    handed over as it is: token maps already are channels-last, and an NCHW image batch is copied by the op itself.
+    For the stem's first conv that only moves the copy into the op, yet it changes the order of the stem's large
+    allocations enough that glibc no longer trims and refaults the heap every forward (measured on FAN-T's stem at
+    batch 8: 7.6 against 13.2 ms and 0 against ~4,000 page faults per call; level at batch 1), the same output.
     With ``accumulate`` (a channels-last (B, C_out, H', W') map, ``act`` "none") the conv adds its result into that
     tensor in place and returns it.
     """
@@ -108,10 +106,7 @@ def conv_act(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None,
         weight = weight * out_scale.view(-1, 1, 1, 1)
         bias = bias * out_scale if bias is not None else None
     x, weight, bias = _operands(x, weight, bias)
-    if read_input_as_is:
-        weight = weight.contiguous(memory_format=torch.channels_last)
-    else:
-        x = x.contiguous(memory_format=torch.channels_last)
+    weight = weight.contiguous(memory_format=torch.channels_last)
     if accumulate is not None:
         if act != "none" or accumulate.dtype != x.dtype:
             raise InvalidArgumentError(f"conv_act accumulates only without an activation and in the conv's dtype "

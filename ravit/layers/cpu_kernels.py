@@ -57,10 +57,14 @@ def capability() -> str | None:
     return cap if cap in _ISA_FLAGS else None
 
 
+def _compiler() -> str:
+    return os.environ.get("CXX", "c++")
+
+
 def _command(cap: str, output: Path) -> list[str]:
     root = Path(torch.__file__).parent
     return [
-        os.environ.get("CXX", "c++"), "-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", *_ISA_FLAGS[cap],
+        _compiler(), "-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", *_ISA_FLAGS[cap],
         f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
         f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
@@ -97,16 +101,15 @@ def build(force: bool = False) -> Path:
                                f"{torch.backends.cpu.get_cpu_capability()!r}, the kernels need AVX512 or AVX2")
     if path.is_file() and not force:
         return path
-    command = _command(capability(), path)
-    if shutil.which(command[0]) is None:
-        raise KernelBuildError(f"no C++ compiler {command[0]!r} on PATH (set CXX to one)")
+    compiler = _compiler()
+    if shutil.which(compiler) is None:
+        raise KernelBuildError(f"no C++ compiler {compiler!r} on PATH (set CXX to one)")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         partial = Path(tmp) / path.name
-        command[command.index(str(path))] = str(partial)
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(_command(capability(), partial), capture_output=True, text=True)
         if result.returncode != 0:
-            raise KernelBuildError(f"{command[0]} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+            raise KernelBuildError(f"{compiler} failed ({result.returncode}):\n{result.stderr[-4000:]}")
         os.replace(partial, path)
     return path
 
@@ -148,7 +151,7 @@ def dwconv_chain(x: torch.Tensor, hw: tuple[int, int], conv1: nn.Conv2d, bn: nn.
 
     With a contiguous fp32 ``residual`` the result is added into its memory and ``residual`` returned (it may be
     ``x`` itself: the kernel reads each channel block of x before writing it); otherwise into a fresh (B, N, C)."""
-    B, N, C = x.shape
+    B, _, C = x.shape
     H, W = hw
     x = x.contiguous()
     accumulate = residual is not None and residual.is_contiguous() and residual.dtype == torch.float32
