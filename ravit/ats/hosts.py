@@ -41,7 +41,12 @@ __all__ = ["BEIT", "EVA", "HOSTS", "VIT", "VIT_OPS", "BlockOps", "Host", "host_o
 
 
 class BlockOps(Protocol):
-    """What one host's pre-norm block computes differently; shapes: B images, L slots (L' kept), H heads."""
+    """What one host's pre-norm block computes differently; shapes: B images, L slots (L' kept), H heads.
+
+    positional_bias: whether :meth:`position_bias` can give a bias (False: always None, so a caller may skip it).
+    """
+
+    positional_bias: bool
 
     def qkv(self, block: nn.Module, h: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, H, L, D) queries, keys and values of the normalised input ``h`` (B, L, C), positions applied by the
@@ -93,6 +98,8 @@ def _gamma(gamma: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
 class _ViTOps:
     """timm ``Block`` with ``Attention``: no positions inside the block; ``ls1``/``ls2`` layer scale."""
 
+    positional_bias = False
+
     def qkv(self, block, h, ids):
         attn = block.attn
         B, L, _ = h.shape
@@ -132,6 +139,7 @@ class _EvaOps:
     """
 
     rope: torch.Tensor | None
+    positional_bias = False
 
     def qkv(self, block, h, ids):
         attn = block.attn
@@ -176,6 +184,7 @@ class _BeitOps:
     """
 
     shared: nn.Module | None
+    positional_bias = True
 
     def qkv(self, block, h, ids):
         return _fused_qkv(block.attn, h)

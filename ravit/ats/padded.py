@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ravit.ats import cpu_select
 from ravit.ats.block import Tokens
 from ravit.ats.hosts import VIT_OPS, BlockOps
 from ravit.ats.sampling import as_dtype, redundancy_discount
@@ -267,30 +268,58 @@ def _plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None
 
 
 def filled_topk_forward(block: nn.Module, slots: Slots, num_prefix: int, width: int, fuse: bool = False,
-                        ops: BlockOps | None = None, value_norm: bool = True, redundancy: float = 0.0) -> Slots:
+                        ops: BlockOps | None = None, value_norm: bool = True, redundancy: float = 0.0,
+                        kernels: bool = False) -> Slots:
     """An ATS block of static Top-K (``sampler="topk", static=True``) on *one* image whose slots are all filled:
     :func:`padded_block_forward` with ``proportional=fuse`` and the Top-K ``keep_fn``, in fewer and smaller ops.
 
     Static Top-K keeps exactly ``width`` of the filled patch slots, so no slot is ever empty: no validity masks, no
-    fill mask, no key mask (only log(size) with fusion), and the kept slots are the first ``width`` of one stable
-    sort (ties to the earlier token, as :func:`~ravit.ats.sampling.topk_sampling`), put back in input order; the
-    rest of that sort are the dropped tokens, so fusion matches and averages only those (not every token with weight
-    0, and no pass over every kept slot). Written beside the general executor because at batch 1 an ATS block's cost
-    is its op count: measured on DeiT-S (fused Top-K, redundancy 6, every block), 61 ops per ATS block beyond the
-    zero-overhead ceiling's instead of 103 (no dispatched no-op casts among them), each costing several µs in the
-    model on CPU (dispatch and cache misses included). ``torch.compile`` compiles this route; ``torch.export`` and
-    TorchScript tracing keep the general path (:func:`one_image_route`), whose stable sort ONNX can translate.
+    fill mask, no key mask (only log(size) with fusion), and only the dropped tokens are matched and averaged
+    (:func:`_lean_select`, :func:`_lean_fuse`). Written beside the general executor because at batch 1 an ATS
+    block's cost is its op count: measured on DeiT-S (fused Top-K, redundancy 6, every block), 61 ops per ATS block
+    beyond the zero-overhead ceiling's instead of 103 (no dispatched no-op casts among them), each costing several µs
+    in the model on CPU (dispatch and cache misses included). ``torch.compile`` compiles this route; ``torch.export``
+    and TorchScript tracing keep the general path (:func:`one_image_route`), whose stable sort ONNX can translate.
 
-    Arguments as :func:`padded_block_forward`; ``width`` <= the patch slots of ``slots``.
+    Arguments as :func:`padded_block_forward`; ``width`` <= the patch slots of ``slots``. ``kernels``: run the
+    selection and the fusion as two ravit CPU kernels (:mod:`ravit.ats.cpu_select`; the caller asks
+    :func:`~ravit.ats.cpu_select.applies` once per forward), the same selection in two ops instead of ~50; the
+    selection only on a host without position bias.
     """
     ops = VIT_OPS if ops is None else ops
     P = num_prefix
     x, size, ids = slots  # (1, L, C), (1, L), (1, L)
     h = block.norm1(x)  # (1, L, C)
     q, k, v = ops.qkv(block, h, ids)  # (1, H, L, D) each, positions applied
-    key_bias = as_dtype(size.log(), q.dtype) if fuse else None  # (1, L) proportional attention, as (1, 1, 1, L)
+    if kernels and not ops.positional_bias:
+        index, q, x, size, ids, dropped, target, key_bias = cpu_select.topk_select(
+            q, k, v, x, size, ids, block.attn.scale, P, width, value_norm, redundancy, fuse)  # kept: (1, P + width)
+        bias = key_bias if fuse else None  # (1, L) proportional attention, as (1, 1, 1, L)
+    else:
+        key_bias = as_dtype(size.log(), q.dtype) if fuse else None  # (1, L)
+        index, q, x, size, ids, dropped, target = _lean_select(block, ops, q, k, v, slots, key_bias, P, width,
+                                                               value_norm, redundancy, fuse)
+        bias = _plus(key_bias, ops.position_bias(block, ids, slots.ids))  # (1, L), (1, H, P + width, L) or None
+    if getattr(block.attn, "gate", None) is not None:  # only a gated attention reads the kept tokens' h
+        h = h.index_select(1, index)
+    x = _attention_residual(block, ops, q, k, v, bias, h, x)  # (1, P + width, C)
+    if fuse:
+        x, size = (cpu_select.fuse_nearest if kernels else _lean_fuse)(x, size, slots.x, slots.size, dropped, target)
+    return Slots(_mlp_residual(block, ops, x), size, ids)
+
+
+def _lean_select(block: nn.Module, ops: BlockOps, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: Slots,
+                 key_bias: torch.Tensor | None, num_prefix: int, width: int, value_norm: bool, redundancy: float,
+                 fuse: bool) -> tuple[torch.Tensor, ...]:
+    """The selection of :func:`filled_topk_forward` in torch ops, any host: what
+    :func:`~ravit.ats.cpu_select.topk_select` returns (``key_bias`` (1, L) or None given, not returned).
+
+    The kept slots are the first ``width`` of one stable sort (ties to the earlier token, as
+    :func:`~ravit.ats.sampling.topk_sampling`), put back in input order; the rest of that sort are the dropped
+    tokens, so fusion matches only those (not every token with weight 0, and no pass over every kept slot)."""
+    P = num_prefix
     with torch.no_grad():  # scores and the matching only steer discrete choices
-        cls_bias = _plus(key_bias, ops.position_bias(block, ids[:, :1], ids))  # (1, L), (1, H, 1, L) or None
+        cls_bias = _plus(key_bias, ops.position_bias(block, slots.ids[:, :1], slots.ids))  # (1, L), (1, H, 1, L), None
         scores = _image_scores(q, k, v, cls_bias, block.attn.scale, value_norm)[P:]  # (N,) N = L - P
         patches = _metric(k)[0, P:] if fuse or redundancy else None  # (N, D)
         if redundancy:
@@ -298,24 +327,25 @@ def filled_topk_forward(block: nn.Module, slots: Slots, num_prefix: int, width: 
         ranked = torch.sort(scores, descending=True, stable=True).indices  # (N,) best first, ties to the earlier
         kept, dropped = ranked[:width].sort().values, ranked[width:]  # (width,) in input order, (N - width,)
         index = torch.cat((torch.arange(P, device=kept.device), kept + P))  # (P + width,)
-    q = q.index_select(2, index)  # (1, H, P + width, D)
-    if getattr(block.attn, "gate", None) is not None:  # only a gated attention reads the kept tokens' h
-        h = h.index_select(1, index)
-    x, ids, size = x.index_select(1, index), ids.index_select(1, index), size.index_select(1, index)
-    bias = _plus(key_bias, ops.position_bias(block, ids, slots.ids))  # (1, L), (1, H, P + width, L) or None
-    x = _attention_residual(block, ops, q, k, v, bias, h, x)  # (1, P + width, C)
-    if fuse:
-        with torch.no_grad():  # each dropped token's slot: its most similar kept token
+        target = dropped
+        if fuse:  # each dropped token's slot: its most similar kept token
             sim = patches.index_select(0, dropped) @ patches.index_select(0, kept).T  # (N - width, width)
             target = sim.max(dim=1).indices + P  # (N - width,)
-        rows = dropped + P  # (N - width,) the dropped tokens' slots in the block input
-        weight = slots.size[0].index_select(0, rows)  # (N - width,) their sizes
-        size = size.index_add(1, target, weight[None])  # (1, P + width) sizes after the merge
-        # the size-weighted average (s x + sum w_j x_j) / (s + sum w_j), written as x + sum (w_j / S)(x_j - x) so
-        # that only the dropped tokens' rows are computed (no pass over every kept slot)
-        pull = as_dtype(weight / size[0].index_select(0, target), x.dtype)[:, None]  # (N - width, 1)
-        x = x.index_add_(1, target, (slots.x.index_select(1, rows) - x.index_select(1, target)) * pull)
-    return Slots(_mlp_residual(block, ops, x), size, ids)
+    kept_slots = (t.index_select(1, index) for t in slots)
+    return index, q.index_select(2, index), *kept_slots, dropped + P, target
+
+
+def _lean_fuse(x: torch.Tensor, size: torch.Tensor, x_in: torch.Tensor, size_in: torch.Tensor, dropped: torch.Tensor,
+               target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~ravit.ats.cpu_select.fuse_nearest` in torch ops (autograd included): the block input's ``dropped``
+    slots averaged by size into their ``target`` slots of the kept (1, W, C) ``x``; returns x and the (1, W) sizes.
+
+    The size-weighted average (s x + sum w_j x_j) / (s + sum w_j) is written as x + sum (w_j / S)(x_j - x), so that
+    only the dropped tokens' rows are computed (no pass over every kept slot)."""
+    weight = size_in[0].index_select(0, dropped)  # (M,) the dropped tokens' sizes
+    size = size.index_add(1, target, weight[None])  # (1, W) sizes after the merge
+    pull = as_dtype(weight / size[0].index_select(0, target), x.dtype)[:, None]  # (M, 1)
+    return x.index_add_(1, target, (x_in.index_select(1, dropped) - x.index_select(1, target)) * pull), size
 
 
 def _image_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ravit._plugin import TokenReducer, attach, detach
+from ravit.ats import cpu_select
 from ravit.ats.block import Tokens, block_forward, unpack
 from ravit.ats.config import ATSConfig, Budget, Sampler
 from ravit.ats.fan import channel_forward, class_attention, dense_slots, fan_check, mixing_forward
@@ -174,12 +175,13 @@ def _padded_features(model: nn.Module, host: Host, x: torch.Tensor, positions: o
     fused, value_norm = cfg.fuse != "none", cfg.score == "attention_value"
     # static Top-K keeps every slot of one image filled: the lean route (same result, fewer ops per ATS block)
     filled_topk = cfg.static and cfg.sampler == "topk" and one_image_route(x)
+    kernels = filled_topk and cpu_select.applies(x)
     for i in range(cfg.blocks[0], len(model.blocks)):
         ops = host.block_ops(model, i, positions)
         if i in budgets and filled_topk:
             width = min(budgets[i], slots.x.shape[1] - P)
             forward, args = filled_topk_forward, (model.blocks[i], slots, P, width, fused, ops, value_norm,
-                                                  cfg.redundancy)
+                                                  cfg.redundancy, kernels)
         else:
             keep_fn, width = None, None
             if i in budgets:

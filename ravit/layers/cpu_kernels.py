@@ -1,4 +1,5 @@
-"""ravit's own fp32 CPU kernels for FAN inference (``cpu_kernels.cpp``): built once, loaded when present.
+"""ravit's own fp32 CPU kernels: FAN inference (``cpu_kernels.cpp``) and ATS's one-image selection
+(``ravit/ats/cpu_select.cpp``, see :mod:`ravit.ats.cpu_select`), one library, built once, loaded when present.
 
 Two parts of a FAN block cost far more on a CPU in eager PyTorch than their arithmetic (FAN, arXiv 2204.12451):
 
@@ -10,7 +11,8 @@ Two parts of a FAN block cost far more on a CPU in eager PyTorch than their arit
 
 ``ravit::dwconv_chain`` runs the chain in one pass per (image, channel block), the intermediate map staying in the
 core's cache; ``ravit::channel_gate`` computes the gate per (image, head) in one op. Neither torch, timm nor oneDNN
-has such kernels, hence these ~250 lines of C++ on ATen's vector types. Measured on FAN-T at 224, fp32, 2 threads,
+has such kernels, hence these ~250 lines of C++ on ATen's vector types (``ravit::topk_select`` and
+``ravit::fuse_nearest``, ATS's, are in the second source). Measured on FAN-T at 224, fp32, 2 threads,
 12 alternating rounds in one process (README): 25.1 → 20.6 ms at batch 1, 123 → 113 ms at batch 8; outputs within
 1e-6.
 
@@ -18,8 +20,8 @@ They are compiled for this machine's CPU (AVX-512 or AVX2, as ``torch.backends.c
 and this torch by ``ravit kernels build`` (``scripts/setup.sh`` runs it), with the C++ compiler and torch's own
 headers, into a cache folder keyed by the source, torch version and capability. ``available()`` loads the library
 the first time it is asked and finds it; without it (no compiler, another CPU, ``RAVIT_CPU_KERNELS=0``) FAN runs the
-oneDNN path of :mod:`ravit.layers.cpu_inference`, same outputs within fp32 rounding. Nothing is compiled on import
-or inside a forward.
+oneDNN path of :mod:`ravit.layers.cpu_inference` and ATS its torch ops, same outputs within fp32 rounding. Nothing is
+compiled on import or inside a forward.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from torch import nn
 
 __all__ = ["KernelBuildError", "available", "build", "channel_gate", "dwconv_chain", "library_path", "supports_chain"]
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+# FAN's kernels and ATS's one-image selection (ravit/ats/cpu_select.py), one library
+SOURCES = (Path(__file__).with_name("cpu_kernels.cpp"), Path(__file__).parents[1] / "ats" / "cpu_select.cpp")
 
 # Instruction sets by torch's name for the CPU's capability, and the macros that select ATen's vector types for them.
 _ISA_FLAGS = {
@@ -68,7 +71,7 @@ def _command(cap: str, output: Path) -> list[str]:
         f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
         f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
-        str(SOURCE), "-o", str(output), f"-L{root / 'lib'}", "-lc10", "-ltorch_cpu",
+        *map(str, SOURCES), "-o", str(output), f"-L{root / 'lib'}", "-lc10", "-ltorch_cpu",
     ]
 
 
@@ -85,7 +88,7 @@ def library_path() -> Path | None:
     cap = capability()
     if cap is None:
         return None
-    key = hashlib.sha256(SOURCE.read_bytes())
+    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
     key.update(" ".join([torch.__version__, *_command(cap, Path("out"))]).encode())
     return _cache_dir() / f"ravit_cpu_kernels-{cap.lower()}-{key.hexdigest()[:16]}.so"
 

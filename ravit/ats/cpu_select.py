@@ -1,0 +1,54 @@
+"""The one-image route of static Top-K (:func:`ravit.ats.padded.filled_topk_forward`) as two ravit CPU kernels
+(``cpu_select.cpp``, built with FAN's by :mod:`ravit.layers.cpu_kernels`).
+
+At batch 1 on a CPU an ATS block's overhead is its op count, not its arithmetic: the selection (class-attention x
+value-norm scores, ATS Sec. 3.1 Eq. 3; the redundancy discount; the stable Top-K; the gathers of the kept slots;
+each dropped token's most similar kept token) and the size-weighted fusion (ToMe Sec. 3) take ~50 torch ops on
+vectors of a few hundred floats. Measured on DeiT-S with redundancy-discounted, fused Top-K in blocks 0-10, the
+block's overhead over the zero-overhead ceiling was ~0.7 ms, in ops of 5-15 µs each (dispatch, allocation and Python
+included). ``ravit::topk_select`` does the selection in one op, ``ravit::fuse_nearest`` the fusion in another; no
+library has these for ATS, hence the C++.
+
+The kernels compute the same selection as the torch ops (ties to the earlier token, bit-equal scores for equal
+tokens), the outputs within fp32 rounding. They run for fp32 CPU inference (no autograd, no autocast) outside graph
+capture, the selection on hosts without a position bias (timm ViT, Eva); everything else takes the torch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from ravit.layers import cpu_kernels
+
+__all__ = ["applies", "fuse_nearest", "topk_select"]
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether a forward on the (1, L, C) tokens ``x`` may run the kernels: built here, fp32 on a CPU outside
+    autocast, no autograd (``torch.no_grad`` or ``torch.inference_mode``), not inside ``torch.compile`` (which has
+    no shape function for them) nor a dispatch mode (``FlopCounterMode`` counts the torch ops' matrix products, so
+    GMACs do not depend on the path). Asked once per forward: at batch 1 every Python statement in a block costs."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and not is_in_torch_dispatch_mode() and cpu_kernels.available())
+
+
+def topk_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, size: torch.Tensor,
+                ids: torch.Tensor, scale: float, num_prefix: int, width: int, value_norm: bool, redundancy: float,
+                fuse: bool) -> tuple[torch.Tensor, ...]:
+    """The selection of :func:`~ravit.ats.padded.filled_topk_forward` in one op, for a host without position bias.
+
+    q, k, v (1, H, L, D) with unit stride along D; x (1, L, C); size (1, L); ids (1, L), contiguous. Returns the kept
+    slots' index (P + width,), q (1, H, P + width, D), x (1, P + width, C), size and ids (1, P + width), and with
+    ``fuse`` the dropped slots (M,), the output slot (M,) each is fused into and the (1, L) log sizes (proportional
+    attention, in the scores too); three empty tensors without ``fuse``."""
+    return torch.ops.ravit.topk_select(q, k, v, x, size, ids, scale, num_prefix, width, value_norm, redundancy, fuse)
+
+
+def fuse_nearest(x: torch.Tensor, size: torch.Tensor, x_in: torch.Tensor, size_in: torch.Tensor,
+                 dropped: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each ``dropped`` slot of the block input ``x_in`` (1, L, C) (sizes ``size_in``, contiguous) averaged by size
+    into its ``target`` slot of the kept, contiguous ``x`` (1, W, C) (sizes ``size``): returns ``x``, updated in
+    place, and the (1, W) sizes."""
+    return x, torch.ops.ravit.fuse_nearest(x, size, x_in, size_in, dropped, target)
