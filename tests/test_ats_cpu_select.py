@@ -61,9 +61,10 @@ def test_kernel_selection_equals_the_torch_ops(case, H, L, D, P, K, fuse, redund
         *ours, log_size = cpu_select.topk_select(q, k, v, *slots, q.shape[-1] ** -0.5, P, K, value_norm, redundancy,
                                                  fuse)
         ref = _torch_select(q, k, v, slots, P, K, value_norm, redundancy, fuse)
+    ours[0] = ours[0][0]  # one image's (P + K,) index
     for name, a, b in zip(["index", "q", "x", "size", "ids"], ours[:5], ref[:5], strict=True):
         assert torch.equal(a, b), name  # the same choices, and gathers copy exactly
-    (dropped, target), (ref_dropped, ref_target) = ours[5:], ref[5:]
+    (dropped, target), (ref_dropped, ref_target) = (t[0] for t in ours[5:]), ref[5:]
     if fuse:  # the same dropped tokens, each into the same kept slot (their order, by rank, may differ among the
         # tokens whose discounted scores round to 0 or a denormal)
         order, ref_order = dropped.argsort(), ref_dropped.argsort()
@@ -90,8 +91,8 @@ def test_ties_go_to_the_earlier_token(L, D, redundancy):
     with torch.inference_mode():
         index, *_, dropped, target, _ = cpu_select.topk_select(q, k, v, x, slots.size, slots.ids, 0.25, 1, 5, True,
                                                                 redundancy, True)
-    assert index.tolist() == list(range(6))
-    assert dropped.tolist() == list(range(6, L)) and target.tolist() == [1] * (L - 6)
+    assert index.tolist() == [list(range(6))]
+    assert dropped.tolist() == [list(range(6, L))] and target.tolist() == [[1] * (L - 6)]
 
 
 @pytest.mark.parametrize("C", [48, 384, 50])
@@ -160,11 +161,48 @@ def test_the_kernels_stay_out_of_autograd_autocast_dispatch_modes_and_batches(mo
             model(image)
         with FlopCounterMode(display=False):  # GMACs count the torch route's matrix products
             model(image)
-        model(image.expand(2, -1, -1, -1))  # a batch takes the general executor
     assert calls == []
     with torch.no_grad():
         model(image)
-    assert len(calls) == 8
+        assert len(calls) == 8
+        model(image.expand(2, -1, -1, -1))  # a batch too
+        assert len(calls) == 16
+
+
+@pytest.mark.parametrize("fuse,redundancy", [(False, 0.0), (True, 6.0)])
+def test_a_batch_in_the_kernel_is_each_image_alone(fuse, redundancy):
+    """Images of different sizes and token states in one call: each image's selection and fusion as alone."""
+    images = [_inputs(4, 61, 24, 1, case, seed) for seed, case in enumerate(["first_block", "sized", "ties"])]
+    q, k, v = (torch.cat([im[i] for im in images]) for i in range(3))
+    slots = [torch.cat([im[3][i] for im in images]) for i in range(3)]
+    with torch.inference_mode():
+        batch = cpu_select.topk_select(q, k, v, *slots, 0.2, 1, 30, True, redundancy, fuse)
+        x = torch.randn(3, 31, 96)
+        fused = cpu_select.fuse_nearest(x.clone(), batch[3], slots[0], slots[1], batch[5], batch[6]) if fuse else None
+        for b, (qb, kb, vb, slots_b) in enumerate(images):
+            alone = cpu_select.topk_select(qb, kb, vb, *slots_b, 0.2, 1, 30, True, redundancy, fuse)
+            for a, c in zip(alone, batch, strict=True):
+                assert torch.equal(a, c[b : b + 1]) if c.numel() else a.numel() == 0
+            if fuse:
+                alone_x, alone_size = cpu_select.fuse_nearest(x[b : b + 1].clone(), alone[3], slots_b[0],
+                                                              slots_b[1], alone[5], alone[6])
+                assert torch.equal(alone_x, fused[0][b : b + 1]) and torch.equal(alone_size, fused[1][b : b + 1])
+
+
+@pytest.mark.parametrize("name", ["vit", "eva02"])
+def test_a_batch_takes_the_kernels_with_the_general_result(monkeypatch, name):
+    monkeypatch.delenv("RAVIT_CPU_KERNELS", raising=False)
+    model = _fused_model(name)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    calls = _kernel_calls(monkeypatch)
+    ours = trace(model, images, count_gmacs=False)
+    assert calls == ["topk_select", "fuse_nearest"] * 4
+    monkeypatch.setenv("RAVIT_CPU_KERNELS", "0")
+    ref = trace(model, images, count_gmacs=False)
+    torch.testing.assert_close(ours.logits, ref.logits, rtol=0, atol=1e-5)
+    for stage in range(4):
+        for b in range(3):
+            assert torch.equal(ours.kept_indices[stage][b], ref.kept_indices[stage][b])
 
 
 def test_a_host_with_position_bias_selects_in_torch_and_fuses_in_the_kernel(monkeypatch):

@@ -1,7 +1,7 @@
-// ravit's fp32 CPU kernels for ATS on one image; ravit/ats/cpu_select.py says why they exist, and
+// ravit's fp32 CPU kernels for ATS's static Top-K; ravit/ats/cpu_select.py says why they exist, and
 // ravit/layers/cpu_kernels.py builds them into one library with FAN's kernels.
 //
-// ravit::topk_select   the selection of static Top-K on one image whose slots are all filled (ravit/ats/padded.py,
+// ravit::topk_select   the selection of static Top-K on images whose slots are all filled (ravit/ats/padded.py,
 //                      filled_topk_forward): class-attention x value-norm scores (ATS, arXiv 2111.15667, Sec. 3.1,
 //                      Eq. 3), the redundancy discount (ravit.ats.sampling.redundancy_discount), the stable Top-K, the
 //                      kept slots gathered, and each dropped token's most similar kept token for fusion.
@@ -121,18 +121,26 @@ std::vector<int64_t> rank_descending(const std::vector<float>& s) {
   return order;
 }
 
+// One image's (H, L, D) queries, keys or values: its first element and the strides of a head and of a slot (unit
+// stride along D).
+struct Heads {
+  const float* p;
+  int64_t head, slot;
+  const float* at(int64_t h, int64_t j) const { return p + h * head + j * slot; }
+};
+
+Heads heads(const Tensor& t, int64_t b) {
+  return {t.data_ptr<float>() + b * t.stride(0), t.stride(1), t.stride(2)};
+}
+
 // The class token's attention summed over heads, times the value norm over all channels (Eq. 3), for the L slots.
-// q, k, v are (H, L, D) views with unit stride along D.
-std::vector<float> class_scores(const Tensor& q, const Tensor& k, const Tensor& v, const float* bias, float scale,
-                                bool value_norm) {
-  const int64_t H = k.size(1), L = k.size(2), D = k.size(3);
-  const int64_t qh = q.stride(1), kh = k.stride(1), kj = k.stride(2), vh = v.stride(1), vj = v.stride(2);
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+std::vector<float> class_scores(const Heads& q, const Heads& k, const Heads& v, int64_t H, int64_t L, int64_t D,
+                                const float* bias, float scale, bool value_norm) {
   std::vector<float> scores(L, 0.0f), logits(L);
   for (int64_t h = 0; h < H; ++h) {
     float top = -INFINITY;
     for (int64_t j = 0; j < L; ++j) {
-      logits[j] = dot(qp + h * qh, kp + h * kh + j * kj, D) * scale + (bias ? bias[j] : 0.0f);
+      logits[j] = dot(q.at(h, 0), k.at(h, j), D) * scale + (bias ? bias[j] : 0.0f);
       top = std::max(top, logits[j]);
     }
     float total = 0.0f;
@@ -144,13 +152,13 @@ std::vector<float> class_scores(const Tensor& q, const Tensor& k, const Tensor& 
     for (int64_t j = 0; j < L; ++j) scores[j] += logits[j] / total;
   }
   if (value_norm) {
-    const bool rows = vh == D;  // the heads of one slot side by side (timm's fused qkv): one dot product
+    const bool rows = v.head == D;  // the heads of one slot side by side (timm's fused qkv): one dot product
     for (int64_t j = 0; j < L; ++j) {
       float sq = 0.0f;
       if (rows) {
-        sq = dot(vp + j * vj, vp + j * vj, H * D);
+        sq = dot(v.at(0, j), v.at(0, j), H * D);
       } else {
-        for (int64_t h = 0; h < H; ++h) sq += dot(vp + h * vh + j * vj, vp + h * vh + j * vj, D);
+        for (int64_t h = 0; h < H; ++h) sq += dot(v.at(h, j), v.at(h, j), D);
       }
       scores[j] *= std::sqrt(sq);
     }
@@ -159,14 +167,12 @@ std::vector<float> class_scores(const Tensor& q, const Tensor& k, const Tensor& 
 }
 
 // (N, D) unit vectors of the patch slots' keys averaged over heads (row-major), ravit.ats.padded._metric.
-std::vector<float> key_metric(const Tensor& k, int64_t P) {
-  const int64_t H = k.size(1), N = k.size(2) - P, D = k.size(3), kh = k.stride(1), kj = k.stride(2);
-  const float* kp = k.data_ptr<float>() + P * kj;
+std::vector<float> key_metric(const Heads& k, int64_t H, int64_t P, int64_t N, int64_t D) {
   std::vector<float> m(N * D, 0.0f);
   for (int64_t j = 0; j < N; ++j) {
     float* mj = m.data() + j * D;
     for (int64_t h = 0; h < H; ++h) {
-      const float* k_hj = kp + h * kh + j * kj;
+      const float* k_hj = k.at(h, P + j);
       for (int64_t d = 0; d < D; ++d) mj[d] += k_hj[d];
     }
     for (int64_t d = 0; d < D; ++d) mj[d] /= H;
@@ -192,8 +198,9 @@ void redundancy_discount(std::vector<float>& scores, const std::vector<float>& m
   const std::vector<float> ranked = columns(m, D, order.data(), N);  // (D, N) in rank order
   std::vector<float> discount(N, 1.0f);
   // Rows r and r + 1 against the columns ranked above r + 1 share every column load; row r ignores its own column.
-  // Threads take every other pair of rows, so that the triangle's work splits evenly.
-  const int64_t pairs = N / 2, threads = N >= 96 ? at::get_num_threads() : 1;
+  // Threads take every other pair of rows, so that the triangle's work splits evenly (one thread inside a batch's
+  // parallel loop over images).
+  const int64_t pairs = N / 2, threads = N >= 96 && !at::in_parallel_region() ? at::get_num_threads() : 1;
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> sims(2 * N);
     for (int64_t t = begin; t < end; ++t) {
@@ -211,129 +218,144 @@ void redundancy_discount(std::vector<float>& scores, const std::vector<float>& m
   for (int64_t i = 0; i < N; ++i) scores[i] *= discount[i];
 }
 
-void check_tokens(const Tensor& t, int64_t L, const char* name) {
+void check_heads(const Tensor& t, const Tensor& x, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == 1 && t.size(2) == L && t.stride(3) == 1, name,
-              " must be (1, H, L, D) with unit stride along D");
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == x.size(0) && t.size(2) == x.size(1) && t.stride(3) == 1, name,
+              " must be (B, H, L, D) with unit stride along D");
 }
 
-// Returns index (P + width,): the prefix slots then the kept patch slots in input order; the kept slots' q
-// (1, H, P + width, D), x (1, P + width, C), size and ids; with fuse, the dropped slots (in rank order), the kept
-// slot (in the output) each is fused into and the (1, L) log sizes (proportional attention, also in the scores), else
-// three empty tensors.
+void check_slots(const Tensor& t, const Tensor& x, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1) && t.scalar_type() == dtype, name,
+              " must be (B, L) ", dtype);
+}
+
+// Returns index (B, P + width): the prefix slots then each image's kept patch slots in input order; the kept slots'
+// q (B, H, P + width, D), x (B, P + width, C), size and ids; with fuse, each image's dropped slots (B, N - width, in
+// rank order), the kept slot (in the output) each is fused into and the (B, L) log sizes (proportional attention,
+// also in the scores), else three empty tensors. Images are independent: a parallel loop over them.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> topk_select(
     const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& x, const Tensor& size, const Tensor& ids,
     double scale, int64_t num_prefix, int64_t width, bool value_norm, double redundancy, bool fuse) {
-  const int64_t L = x.size(1), C = x.size(2), P = num_prefix, N = L - P;
-  check_tokens(q, L, "q");
-  check_tokens(k, L, "k");
-  check_tokens(v, L, "v");
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.scalar_type() == at::kFloat,
+              "x must be (B, L, C) float32 with unit stride along C");
+  const int64_t B = x.size(0), L = x.size(1), C = x.size(2), P = num_prefix, N = L - P;
+  check_heads(q, x, "q");
+  check_heads(k, x, "k");
+  check_heads(v, x, "v");
   TORCH_CHECK(q.sizes() == k.sizes() && k.sizes() == v.sizes(), "q, k and v must have one shape");
-  TORCH_CHECK(x.dim() == 3 && x.size(0) == 1 && x.stride(2) == 1 && x.scalar_type() == at::kFloat,
-              "x must be (1, L, C) float32 with unit stride along C");
-  TORCH_CHECK(size.is_contiguous() && size.numel() == L && size.scalar_type() == at::kFloat,
-              "size must be (1, L) float32");
-  TORCH_CHECK(ids.is_contiguous() && ids.numel() == L && ids.scalar_type() == at::kLong, "ids must be (1, L) int64");
+  check_slots(size, x, at::kFloat, "size");
+  check_slots(ids, x, at::kLong, "ids");
   TORCH_CHECK(P >= 1 && 1 <= width && width <= N, "need 1 <= num_prefix and 1 <= width <= ", N, " patch slots");
-  const int64_t H = k.size(1), D = k.size(3), W = P + width;
-
-  Tensor log_size = at::empty({fuse ? 1 : 0, fuse ? L : 0}, size.options());
-  float* bias = fuse ? log_size.data_ptr<float>() : nullptr;
-  for (int64_t j = 0; fuse && j < L; ++j) bias[j] = std::log(size.data_ptr<float>()[j]);
-  const std::vector<float> all = class_scores(q, k, v, bias, static_cast<float>(scale), value_norm);
-  std::vector<float> scores(all.begin() + P, all.end());  // (N,) the patch slots'
-  std::vector<float> m;
-  if (fuse || redundancy != 0.0) m = key_metric(k, P);
-  if (redundancy != 0.0) redundancy_discount(scores, m, D, redundancy);
-  const std::vector<int64_t> ranked = rank_descending(scores);
-  std::vector<int64_t> kept(ranked.begin(), ranked.begin() + width);
-  std::sort(kept.begin(), kept.end());
+  const int64_t H = k.size(1), D = k.size(3), W = P + width, M = fuse ? N - width : 0;
 
   auto longs = x.options().dtype(at::kLong);
-  Tensor index = at::empty({W}, longs);
-  int64_t* ix = index.data_ptr<int64_t>();
-  for (int64_t s = 0; s < W; ++s) ix[s] = s < P ? s : kept[s - P] + P;
-
-  Tensor q_kept = at::empty({1, H, W, D}, q.options()), x_kept = at::empty({1, W, C}, x.options());
-  Tensor size_kept = at::empty({1, W}, size.options()), ids_kept = at::empty({1, W}, ids.options());
+  Tensor index = at::empty({B, W}, longs), q_kept = at::empty({B, H, W, D}, q.options());
+  Tensor x_kept = at::empty({B, W, C}, x.options()), size_kept = at::empty({B, W}, size.options());
+  Tensor ids_kept = at::empty({B, W}, longs), dropped = at::empty({B, M}, longs), target = at::empty({B, M}, longs);
+  Tensor log_size = at::empty({fuse ? B : 0, fuse ? L : 0}, size.options());
   const int64_t qh = q.stride(1), qj = q.stride(2), xj = x.stride(1);
-  const float *qp = q.data_ptr<float>(), *xp = x.data_ptr<float>(), *sp = size.data_ptr<float>();
+  const float *sp = size.data_ptr<float>(), *xp = x.data_ptr<float>();
   const int64_t* idp = ids.data_ptr<int64_t>();
-  float *q_out = q_kept.data_ptr<float>(), *x_out = x_kept.data_ptr<float>(), *s_out = size_kept.data_ptr<float>();
-  int64_t* id_out = ids_kept.data_ptr<int64_t>();
-  for (int64_t h = 0; h < H; ++h) {
-    for (int64_t s = 0; s < W; ++s) std::memcpy(q_out + (h * W + s) * D, qp + h * qh + ix[s] * qj, D * sizeof(float));
-  }
-  for (int64_t s = 0; s < W; ++s) {
-    std::memcpy(x_out + s * C, xp + ix[s] * xj, C * sizeof(float));
-    s_out[s] = sp[ix[s]];
-    id_out[s] = idp[ix[s]];
-  }
 
-  const int64_t M = fuse ? N - width : 0;
-  Tensor dropped = at::empty({M}, longs), target = at::empty({M}, longs);
-  if (M > 0) {
-    const std::vector<float> cols = columns(m, D, kept.data(), width);  // (D, width)
-    std::vector<float> sims(width);
-    int64_t *drop_out = dropped.data_ptr<int64_t>(), *target_out = target.data_ptr<int64_t>();
-    for (int64_t j = 0; j < M; ++j) {
-      const int64_t i = ranked[width + j];
-      row_dots(m.data() + i * D, cols.data(), width, D, width, sims.data());
-      int64_t best = 0;  // first maximum; a NaN wins, as torch.max propagates it
-      for (int64_t c = 1; c < width && !std::isnan(sims[best]); ++c) {
-        if (std::isnan(sims[c]) || sims[c] > sims[best]) best = c;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float* size_b = sp + b * size.stride(0);
+      float* bias = fuse ? log_size.data_ptr<float>() + b * L : nullptr;
+      for (int64_t j = 0; fuse && j < L; ++j) bias[j] = std::log(size_b[j * size.stride(1)]);
+      const Heads kb = heads(k, b);
+      const std::vector<float> all = class_scores(heads(q, b), kb, heads(v, b), H, L, D, bias,
+                                                  static_cast<float>(scale), value_norm);
+      std::vector<float> scores(all.begin() + P, all.end());  // (N,) the patch slots'
+      std::vector<float> m;
+      if (fuse || redundancy != 0.0) m = key_metric(kb, H, P, N, D);
+      if (redundancy != 0.0) redundancy_discount(scores, m, D, redundancy);
+      const std::vector<int64_t> ranked = rank_descending(scores);
+      std::vector<int64_t> kept(ranked.begin(), ranked.begin() + width);
+      std::sort(kept.begin(), kept.end());
+
+      int64_t* ix = index.data_ptr<int64_t>() + b * W;
+      for (int64_t s = 0; s < W; ++s) ix[s] = s < P ? s : kept[s - P] + P;
+      const float* q_b = q.data_ptr<float>() + b * q.stride(0);
+      float* q_out = q_kept.data_ptr<float>() + b * H * W * D;
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t s = 0; s < W; ++s) {
+          std::memcpy(q_out + (h * W + s) * D, q_b + h * qh + ix[s] * qj, D * sizeof(float));
+        }
       }
-      drop_out[j] = i + P;
-      target_out[j] = best + P;
+      float *x_out = x_kept.data_ptr<float>() + b * W * C, *s_out = size_kept.data_ptr<float>() + b * W;
+      int64_t* id_out = ids_kept.data_ptr<int64_t>() + b * W;
+      for (int64_t s = 0; s < W; ++s) {
+        std::memcpy(x_out + s * C, xp + b * x.stride(0) + ix[s] * xj, C * sizeof(float));
+        s_out[s] = size_b[ix[s] * size.stride(1)];
+        id_out[s] = idp[b * ids.stride(0) + ix[s] * ids.stride(1)];
+      }
+      if (M == 0) continue;
+      const std::vector<float> cols = columns(m, D, kept.data(), width);  // (D, width)
+      std::vector<float> sims(width);
+      int64_t *drop_out = dropped.data_ptr<int64_t>() + b * M, *target_out = target.data_ptr<int64_t>() + b * M;
+      for (int64_t j = 0; j < M; ++j) {
+        const int64_t i = ranked[width + j];
+        row_dots(m.data() + i * D, cols.data(), width, D, width, sims.data());
+        int64_t best = 0;  // first maximum; a NaN wins, as torch.max propagates it
+        for (int64_t c = 1; c < width && !std::isnan(sims[best]); ++c) {
+          if (std::isnan(sims[c]) || sims[c] > sims[best]) best = c;
+        }
+        drop_out[j] = i + P;
+        target_out[j] = best + P;
+      }
     }
-  }
+  });
   return {index, q_kept, x_kept, size_kept, ids_kept, dropped, target, log_size};
 }
 
-// x[t] <- (size[t] x[t] + sum_j w_j x_in[j]) / (size[t] + sum_j w_j) over the dropped slots j fused into t, the
-// weights w_j = size_in[j]; x (1, W, C) contiguous, updated in place; returns the new (1, W) sizes.
+// x[t] <- (size[t] x[t] + sum_j w_j x_in[j]) / (size[t] + sum_j w_j) over each image's dropped slots j fused into
+// t, the weights w_j = size_in[j]; x (B, W, C) contiguous, updated in place; returns the new (B, W) sizes.
 Tensor fuse_nearest(Tensor x, const Tensor& size, const Tensor& x_in, const Tensor& size_in, const Tensor& dropped,
                     const Tensor& target) {
-  const int64_t W = x.size(1), C = x.size(2), M = dropped.numel();
-  TORCH_CHECK(x.is_contiguous() && x.dim() == 3 && x.size(0) == 1 && x.scalar_type() == at::kFloat,
-              "x must be (1, W, C) contiguous float32");
-  TORCH_CHECK(x_in.dim() == 3 && x_in.size(2) == C && x_in.stride(2) == 1 && x_in.scalar_type() == at::kFloat,
-              "x_in must be (1, L, C) float32 with unit stride along C");
-  TORCH_CHECK(size.is_contiguous() && size.numel() == W && size.scalar_type() == at::kFloat,
-              "size must be (1, W) float32");
-  TORCH_CHECK(size_in.is_contiguous() && size_in.numel() == x_in.size(1) && size_in.scalar_type() == at::kFloat,
-              "size_in must be (1, L) float32");
-  TORCH_CHECK(dropped.is_contiguous() && target.is_contiguous() && target.numel() == M &&
-              dropped.scalar_type() == at::kLong && target.scalar_type() == at::kLong,
-              "dropped and target must be int64 vectors of one length");
-  const int64_t* d = dropped.data_ptr<int64_t>();
-  const int64_t* t = target.data_ptr<int64_t>();
-  for (int64_t j = 0; j < M; ++j) {
-    TORCH_CHECK(0 <= d[j] && d[j] < x_in.size(1) && 0 <= t[j] && t[j] < W, "dropped or target out of range");
+  TORCH_CHECK(x.is_contiguous() && x.dim() == 3 && x.scalar_type() == at::kFloat,
+              "x must be (B, W, C) contiguous float32");
+  const int64_t B = x.size(0), W = x.size(1), C = x.size(2), L = x_in.size(1);
+  TORCH_CHECK(x_in.dim() == 3 && x_in.size(0) == B && x_in.size(2) == C && x_in.stride(2) == 1 &&
+              x_in.scalar_type() == at::kFloat, "x_in must be (B, L, C) float32 with unit stride along C");
+  TORCH_CHECK(size.is_contiguous() && size.dim() == 2 && size.size(0) == B && size.size(1) == W &&
+              size.scalar_type() == at::kFloat, "size must be (B, W) contiguous float32");
+  TORCH_CHECK(size_in.is_contiguous() && size_in.dim() == 2 && size_in.size(0) == B && size_in.size(1) == L &&
+              size_in.scalar_type() == at::kFloat, "size_in must be (B, L) contiguous float32");
+  TORCH_CHECK(dropped.is_contiguous() && target.is_contiguous() && dropped.dim() == 2 && dropped.size(0) == B &&
+              target.sizes() == dropped.sizes() && dropped.scalar_type() == at::kLong &&
+              target.scalar_type() == at::kLong, "dropped and target must be (B, M) int64 of one shape");
+  const int64_t M = dropped.size(1);
+  const int64_t *drop = dropped.data_ptr<int64_t>(), *into = target.data_ptr<int64_t>();
+  for (int64_t j = 0; j < B * M; ++j) {
+    TORCH_CHECK(0 <= drop[j] && drop[j] < L && 0 <= into[j] && into[j] < W, "dropped or target out of range");
   }
   Tensor out = size.clone();
-  float* s = out.data_ptr<float>();
-  const float* w = size_in.data_ptr<float>();
-  for (int64_t j = 0; j < M; ++j) s[t[j]] += w[d[j]];
-  float* xs = x.data_ptr<float>();
-  const float* s0 = size.data_ptr<float>();
-  for (int64_t r = 0; r < W; ++r) {
-    if (s[r] == s0[r]) continue;
-    const Vec keep(s0[r] / s[r]);
-    int64_t c = 0;
-    for (; c + kLanes <= C; c += kLanes) (Vec::loadu(xs + r * C + c) * keep).store(xs + r * C + c);
-    for (; c < C; ++c) xs[r * C + c] *= s0[r] / s[r];
-  }
-  for (int64_t j = 0; j < M; ++j) {
-    const float pull = w[d[j]] / s[t[j]];
-    const float* src = x_in.data_ptr<float>() + d[j] * x_in.stride(1);
-    float* dst = xs + t[j] * C;
-    int64_t c = 0;
-    for (; c + kLanes <= C; c += kLanes) {
-      at::vec::fmadd(Vec(pull), Vec::loadu(src + c), Vec::loadu(dst + c)).store(dst + c);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t *d = drop + b * M, *t = into + b * M;
+      const float *w = size_in.data_ptr<float>() + b * L, *s0 = size.data_ptr<float>() + b * W;
+      const float* src_b = x_in.data_ptr<float>() + b * x_in.stride(0);
+      float *s = out.data_ptr<float>() + b * W, *xs = x.data_ptr<float>() + b * W * C;
+      for (int64_t j = 0; j < M; ++j) s[t[j]] += w[d[j]];
+      for (int64_t r = 0; r < W; ++r) {
+        if (s[r] == s0[r]) continue;
+        const float keep = s0[r] / s[r];
+        int64_t c = 0;
+        for (; c + kLanes <= C; c += kLanes) (Vec::loadu(xs + r * C + c) * Vec(keep)).store(xs + r * C + c);
+        for (; c < C; ++c) xs[r * C + c] *= keep;
+      }
+      for (int64_t j = 0; j < M; ++j) {
+        const float pull = w[d[j]] / s[t[j]];
+        const float* src = src_b + d[j] * x_in.stride(1);
+        float* dst = xs + t[j] * C;
+        int64_t c = 0;
+        for (; c + kLanes <= C; c += kLanes) {
+          at::vec::fmadd(Vec(pull), Vec::loadu(src + c), Vec::loadu(dst + c)).store(dst + c);
+        }
+        for (; c < C; ++c) dst[c] += pull * src[c];
+      }
     }
-    for (; c < C; ++c) dst[c] += pull * src[c];
-  }
+  });
   return out;
 }
 

@@ -25,30 +25,33 @@ __all__ = ["applies", "fuse_nearest", "topk_select"]
 
 
 def applies(x: torch.Tensor) -> bool:
-    """Whether a forward on the (1, L, C) tokens ``x`` may run the kernels: built here, fp32 on a CPU outside
-    autocast, no autograd (``torch.no_grad`` or ``torch.inference_mode``), not inside ``torch.compile`` (which has
-    no shape function for them) nor a dispatch mode (``FlopCounterMode`` counts the torch ops' matrix products, so
-    GMACs do not depend on the path). Asked once per forward: at batch 1 every Python statement in a block costs."""
+    """Whether a forward on the (B, L, C) tokens ``x`` may run the kernels: built here, fp32 on a CPU outside
+    autocast, no autograd (``torch.no_grad`` or ``torch.inference_mode``), not inside ``torch.compile`` or export
+    (which have no shape function for them), TorchScript tracing, nor a dispatch mode (``FlopCounterMode`` counts the
+    torch ops' matrix products, so GMACs do not depend on the path). Asked once per forward: at batch 1 every Python
+    statement in a block costs."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and not is_in_torch_dispatch_mode() and cpu_kernels.available())
+            and not torch.jit.is_tracing() and not is_in_torch_dispatch_mode() and cpu_kernels.available())
 
 
 def topk_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, size: torch.Tensor,
                 ids: torch.Tensor, scale: float, num_prefix: int, width: int, value_norm: bool, redundancy: float,
                 fuse: bool) -> tuple[torch.Tensor, ...]:
-    """The selection of :func:`~ravit.ats.padded.filled_topk_forward` in one op, for a host without position bias.
+    """The selection of :func:`~ravit.ats.padded.filled_topk_forward` in one op, for a host without position bias;
+    each image on its own (a parallel loop over the batch).
 
-    q, k, v (1, H, L, D) with unit stride along D; x (1, L, C); size (1, L); ids (1, L), contiguous. Returns the kept
-    slots' index (P + width,), q (1, H, P + width, D), x (1, P + width, C), size and ids (1, P + width), and with
-    ``fuse`` the dropped slots (M,), the output slot (M,) each is fused into and the (1, L) log sizes (proportional
-    attention, in the scores too); three empty tensors without ``fuse``."""
+    q, k, v (B, H, L, D) with unit stride along D; x (B, L, C) with unit stride along C; size, ids (B, L). Returns the
+    kept slots' index (B, P + width), q (B, H, P + width, D), x (B, P + width, C), size and ids (B, P + width), and
+    with ``fuse`` the dropped slots (B, M), the output slot (B, M) each is fused into and the (B, L) log sizes
+    (proportional attention, in the scores too); three empty tensors without ``fuse``."""
     return torch.ops.ravit.topk_select(q, k, v, x, size, ids, scale, num_prefix, width, value_norm, redundancy, fuse)
 
 
 def fuse_nearest(x: torch.Tensor, size: torch.Tensor, x_in: torch.Tensor, size_in: torch.Tensor,
                  dropped: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each ``dropped`` slot of the block input ``x_in`` (1, L, C) (sizes ``size_in``, contiguous) averaged by size
-    into its ``target`` slot of the kept, contiguous ``x`` (1, W, C) (sizes ``size``): returns ``x``, updated in
-    place, and the (1, W) sizes."""
-    return x, torch.ops.ravit.fuse_nearest(x, size, x_in, size_in, dropped, target)
+    """Each ``dropped`` slot (B, M) of the block input ``x_in`` (B, L, C) (sizes ``size_in``, contiguous) averaged by
+    size into its ``target`` slot (B, M) of the kept, contiguous ``x`` (B, W, C) (sizes ``size``): returns ``x``,
+    updated in place, and the (B, W) sizes."""
+    B = x.shape[0]  # the torch selection (one image) gives (M,) vectors
+    return x, torch.ops.ravit.fuse_nearest(x, size, x_in, size_in, dropped.view(B, -1), target.view(B, -1))

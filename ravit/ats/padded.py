@@ -270,8 +270,9 @@ def _plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None
 def filled_topk_forward(block: nn.Module, slots: Slots, num_prefix: int, width: int, fuse: bool = False,
                         ops: BlockOps | None = None, value_norm: bool = True, redundancy: float = 0.0,
                         kernels: bool = False) -> Slots:
-    """An ATS block of static Top-K (``sampler="topk", static=True``) on *one* image whose slots are all filled:
-    :func:`padded_block_forward` with ``proportional=fuse`` and the Top-K ``keep_fn``, in fewer and smaller ops.
+    """An ATS block of static Top-K (``sampler="topk", static=True``) on images whose slots are all filled (one
+    image; a batch only with ``kernels``): :func:`padded_block_forward` with ``proportional=fuse`` and the Top-K
+    ``keep_fn``, in fewer and smaller ops.
 
     Static Top-K keeps exactly ``width`` of the filled patch slots, so no slot is ever empty: no validity masks, no
     fill mask, no key mask (only log(size) with fusion), and only the dropped tokens are matched and averaged
@@ -283,26 +284,26 @@ def filled_topk_forward(block: nn.Module, slots: Slots, num_prefix: int, width: 
 
     Arguments as :func:`padded_block_forward`; ``width`` <= the patch slots of ``slots``. ``kernels``: run the
     selection and the fusion as two ravit CPU kernels (:mod:`ravit.ats.cpu_select`; the caller asks
-    :func:`~ravit.ats.cpu_select.applies` once per forward), the same selection in two ops instead of ~50; the
-    selection only on a host without position bias.
+    :func:`~ravit.ats.cpu_select.applies` once per forward), the same selection in two ops instead of ~50, for any
+    batch; the selection only on a host without position bias (a batch on another host takes the general executor).
     """
     ops = VIT_OPS if ops is None else ops
     P = num_prefix
-    x, size, ids = slots  # (1, L, C), (1, L), (1, L)
-    h = block.norm1(x)  # (1, L, C)
-    q, k, v = ops.qkv(block, h, ids)  # (1, H, L, D) each, positions applied
+    x, size, ids = slots  # (B, L, C), (B, L), (B, L); B = 1 without kernels
+    h = block.norm1(x)  # (B, L, C)
+    q, k, v = ops.qkv(block, h, ids)  # (B, H, L, D) each, positions applied
     if kernels and not ops.positional_bias:
         index, q, x, size, ids, dropped, target, key_bias = cpu_select.topk_select(
-            q, k, v, x, size, ids, block.attn.scale, P, width, value_norm, redundancy, fuse)  # kept: (1, P + width)
-        bias = key_bias if fuse else None  # (1, L) proportional attention, as (1, 1, 1, L)
+            q, k, v, x, size, ids, block.attn.scale, P, width, value_norm, redundancy, fuse)  # kept: (B, P + width)
+        bias = key_bias[:, None, None] if fuse else None  # (B, 1, 1, L) proportional attention
     else:
         key_bias = as_dtype(size.log(), q.dtype) if fuse else None  # (1, L)
         index, q, x, size, ids, dropped, target = _lean_select(block, ops, q, k, v, slots, key_bias, P, width,
                                                                value_norm, redundancy, fuse)
         bias = _plus(key_bias, ops.position_bias(block, ids, slots.ids))  # (1, L), (1, H, P + width, L) or None
     if getattr(block.attn, "gate", None) is not None:  # only a gated attention reads the kept tokens' h
-        h = h.index_select(1, index)
-    x = _attention_residual(block, ops, q, k, v, bias, h, x)  # (1, P + width, C)
+        h = _gather(h, index.view(h.shape[0], -1))
+    x = _attention_residual(block, ops, q, k, v, bias, h, x)  # (B, P + width, C)
     if fuse:
         x, size = (cpu_select.fuse_nearest if kernels else _lean_fuse)(x, size, slots.x, slots.size, dropped, target)
     return Slots(_mlp_residual(block, ops, x), size, ids)

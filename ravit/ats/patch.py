@@ -173,12 +173,13 @@ def _padded_features(model: nn.Module, host: Host, x: torch.Tensor, positions: o
     budgets = dict(zip(cfg.blocks, cfg.budgets, strict=True))
     sampler = cfg.sampler_fn()
     fused, value_norm = cfg.fuse != "none", cfg.score == "attention_value"
-    # static Top-K keeps every slot of one image filled: the lean route (same result, fewer ops per ATS block)
-    filled_topk = cfg.static and cfg.sampler == "topk" and one_image_route(x)
-    kernels = filled_topk and cpu_select.applies(x)
+    # static Top-K keeps every slot filled: the lean route (same result, fewer ops per ATS block) for one image,
+    # and for a batch with the kernels where the host has no position bias
+    static_topk = cfg.static and cfg.sampler == "topk"
+    one_image, kernels = static_topk and one_image_route(x), static_topk and cpu_select.applies(x)
     for i in range(cfg.blocks[0], len(model.blocks)):
         ops = host.block_ops(model, i, positions)
-        if i in budgets and filled_topk:
+        if i in budgets and (one_image or (kernels and not ops.positional_bias)):
             width = min(budgets[i], slots.x.shape[1] - P)
             forward, args = filled_topk_forward, (model.blocks[i], slots, P, width, fused, ops, value_norm,
                                                   cfg.redundancy, kernels)
