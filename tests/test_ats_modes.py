@@ -350,21 +350,27 @@ def test_class_token_never_absorbs():
 
 
 def _record_slots(model, images):
-    """The slots leaving every padded block of a forward, recorded by wrapping ``padded_block_forward``."""
+    """The slots leaving every padded block of a forward (the general executor's or static Top-K's lean route),
+    recorded by wrapping ``padded_block_forward`` and ``filled_topk_forward``."""
     record = []
-    real = ats_patch.padded_block_forward
+    reals = {name: getattr(ats_patch, name) for name in ("padded_block_forward", "filled_topk_forward")}
 
-    def wrapped(*args, **kwargs):
-        out = real(*args, **kwargs)
-        record.append(out)
-        return out
+    def wrapper(real):
+        def wrapped(*args, **kwargs):
+            out = real(*args, **kwargs)
+            record.append(out)
+            return out
 
-    ats_patch.padded_block_forward = wrapped
+        return wrapped
+
+    for name, real in reals.items():
+        setattr(ats_patch, name, wrapper(real))
     try:
         with torch.no_grad():
             model(images)
     finally:
-        ats_patch.padded_block_forward = real
+        for name, real in reals.items():
+            setattr(ats_patch, name, real)
     return record
 
 
