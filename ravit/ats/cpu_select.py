@@ -35,7 +35,8 @@ def applies(x: torch.Tensor) -> bool:
     statement in a block costs."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing() and not is_in_torch_dispatch_mode() and cpu_kernels.available())
+            and not torch.compiler.is_exporting() and not torch.jit.is_tracing() and not is_in_torch_dispatch_mode()
+            and cpu_kernels.available())
 
 
 def topk_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, size: torch.Tensor,
