@@ -304,7 +304,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(12, 6))
+    # the whole curves, and the target range zoomed in (where the methods differ by tenths of a point)
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(16, 6), gridspec_kw=dict(width_ratios=(3, 2)))
     # the cycle's colours for the reduction methods; dense and ToMe are drawn in black (a star, a thick line)
     reducing = dict.fromkeys(r["method"] for r in rows if r["method"] not in ("dense", "tome"))
     colors = dict(zip(reducing, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2, strict=False))
@@ -322,21 +323,27 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         if method == "tome":
             style.update(linewidth=2)
         name = f"{method} (blocks {placement})" if placement else method
-        ax.plot(xs, ys, label=name, **style)
-        for x, y, label in zip(xs, ys, labels, strict=True):
-            text = str(label).split(":")[-1].split("/")[0] if placement else str(label)
-            ax.annotate(text, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        for axes in (ax, zoom):
+            axes.plot(xs, ys, label=name if axes is ax else None, **style)
+            for x, y, label in zip(xs, ys, labels, strict=True):
+                text = str(label).split(":")[-1].split("/")[0] if placement else str(label)
+                axes.annotate(text, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
     ax.axvspan(0.45, 0.8, color="0.93", zorder=0, label="target range")
-    ax.set_xlabel("GMACs / dense GMACs")
-    ax.set_ylabel("top-1 (%)")
+    for axes in (ax, zoom):
+        axes.set_xlabel("GMACs / dense GMACs")
+        axes.set_ylabel("top-1 (%)")
+        axes.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, off the points
+    zoom.set_title("the target range, zoomed", fontsize=10)
+    fig.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.01), ncol=4)  # below the axes, off the points
     dense = next(r["top1"] for r in rows if r["method"] == "dense")
     ax.set_ylim(max(0.0, dense - 25), dense + 2)
-    fig.tight_layout()
+    window = [r["top1"] for r in rows if 0.43 <= r["gmacs"] / r["dense_gmacs"] <= 0.82]
+    zoom.set_xlim(0.43, 0.82)
+    if window:
+        zoom.set_ylim(min(window) - 0.2, max(window) + 0.2)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=130)
+    fig.savefig(buffer, format="png", dpi=130, bbox_inches="tight")
     plt.close(fig)
     write_bytes(path, buffer.getvalue())
 
