@@ -94,7 +94,7 @@ def library_path() -> Path | None:
 
 
 def build(force: bool = False) -> Path:
-    """Compiles the kernels for this machine (about 10 s) unless already built; returns the library's path.
+    """Compiles the kernels for this machine (about 20 s) unless already built; returns the library's path.
 
     The library is written to a temporary file in the cache folder and renamed into place only once complete, so a
     failed or interrupted build leaves nothing that :func:`available` would load."""
