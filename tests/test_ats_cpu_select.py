@@ -131,23 +131,23 @@ def _fused_model(name: str = "vit") -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("name", ["vit", "eva02"])
-def test_inference_takes_the_kernels_with_the_torch_route_result(monkeypatch, name):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_inference_takes_the_kernels_with_the_torch_route_result(monkeypatch, name, batch):
+    """The kernels' kept tokens and logits are those of the torch ops: the lean route's for one image, the general
+    executor's for a batch (which takes it without the kernels)."""
     monkeypatch.delenv("RAVIT_CPU_KERNELS", raising=False)
     model = _fused_model(name)
-    image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     calls = _kernel_calls(monkeypatch)
-    with torch.inference_mode():
-        ours = model(image)
+    ours = trace(model, images, count_gmacs=False)
     assert calls == ["topk_select", "fuse_nearest"] * 4
-    ours_trace = trace(model, image, count_gmacs=False)
     monkeypatch.setenv("RAVIT_CPU_KERNELS", "0")
-    with torch.inference_mode():
-        ref = model(image)
-    ref_trace = trace(model, image, count_gmacs=False)
-    assert len(calls) == 2 * 4 + 2 * 4  # trace ran the kernels too, and nothing ran them with the switch off
-    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    ref = trace(model, images, count_gmacs=False)
+    assert len(calls) == 8  # nothing ran them with the switch off
+    torch.testing.assert_close(ours.logits, ref.logits, rtol=0, atol=1e-5)
     for stage in range(4):
-        assert torch.equal(ours_trace.kept_indices[stage][0], ref_trace.kept_indices[stage][0])
+        for b in range(batch):
+            assert torch.equal(ours.kept_indices[stage][b], ref.kept_indices[stage][b])
 
 
 def test_the_kernels_stay_out_of_autograd_autocast_dispatch_modes_and_batches(monkeypatch):
@@ -187,22 +187,6 @@ def test_a_batch_in_the_kernel_is_each_image_alone(fuse, redundancy):
                 alone_x, alone_size = cpu_select.fuse_nearest(x[b : b + 1].clone(), alone[3], slots_b[0],
                                                               slots_b[1], alone[5], alone[6])
                 assert torch.equal(alone_x, fused[0][b : b + 1]) and torch.equal(alone_size, fused[1][b : b + 1])
-
-
-@pytest.mark.parametrize("name", ["vit", "eva02"])
-def test_a_batch_takes_the_kernels_with_the_general_result(monkeypatch, name):
-    monkeypatch.delenv("RAVIT_CPU_KERNELS", raising=False)
-    model = _fused_model(name)
-    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(9))
-    calls = _kernel_calls(monkeypatch)
-    ours = trace(model, images, count_gmacs=False)
-    assert calls == ["topk_select", "fuse_nearest"] * 4
-    monkeypatch.setenv("RAVIT_CPU_KERNELS", "0")
-    ref = trace(model, images, count_gmacs=False)
-    torch.testing.assert_close(ours.logits, ref.logits, rtol=0, atol=1e-5)
-    for stage in range(4):
-        for b in range(3):
-            assert torch.equal(ours.kept_indices[stage][b], ref.kept_indices[stage][b])
 
 
 def test_a_host_with_position_bias_selects_in_torch_and_fuses_in_the_kernel(monkeypatch):
