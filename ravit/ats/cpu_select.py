@@ -20,23 +20,21 @@ capture, the selection on hosts without a position bias (timm ViT, Eva); everyth
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ravit.layers import cpu_kernels
+from ravit.layers.cpu_inference import fast_inference
 
 __all__ = ["applies", "fuse_nearest", "topk_select"]
 
 
 def applies(x: torch.Tensor) -> bool:
-    """Whether a forward on the (B, L, C) tokens ``x`` may run the kernels: built here, fp32 on a CPU outside
-    autocast, no autograd (``torch.no_grad`` or ``torch.inference_mode``), not inside ``torch.compile`` or export
-    (which have no shape function for them), TorchScript tracing, nor a dispatch mode (``FlopCounterMode`` counts the
-    torch ops' matrix products, so GMACs do not depend on the path). Asked once per forward: at batch 1 every Python
-    statement in a block costs."""
-    return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and not torch.compiler.is_exporting() and not torch.jit.is_tracing() and not is_in_torch_dispatch_mode()
-            and cpu_kernels.available())
+    """Whether a forward on the (B, L, C) tokens ``x`` may run the kernels: FAN's fused-inference conditions
+    (:func:`~ravit.layers.cpu_inference.fast_inference`: a CPU tensor, no autograd, not inside ``torch.compile`` or a
+    dispatch mode, so ``FlopCounterMode`` counts the torch ops' matrix products and GMACs do not depend on the path),
+    and fp32 outside autocast, export and TorchScript tracing (which have no shape function for them), the library
+    built. Asked once per forward: at batch 1 every Python statement in a block costs."""
+    return (fast_inference(x, training=False) and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_exporting() and not torch.jit.is_tracing() and cpu_kernels.available())
 
 
 def topk_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor, size: torch.Tensor,
