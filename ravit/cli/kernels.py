@@ -1,8 +1,9 @@
-"""``ravit kernels [build|status]``: compile ravit's CPU kernels for FAN inference for this machine, or say whether
-they are built and in use (:mod:`ravit.layers.cpu_kernels`).
+"""``ravit kernels [build|status]``: compile ravit's CPU kernels for FAN inference and ATS's static Top-K for this
+machine, or say whether they are built and in use (:mod:`ravit.layers.cpu_kernels`, :mod:`ravit.ats.cpu_select`).
 
-``build`` compiles once (about 10 s) into a cache folder (``RAVIT_KERNEL_DIR``, else ``~/.cache/ravit/kernels``);
-``scripts/setup.sh`` runs it. Without the kernels FAN runs its oneDNN path: same outputs, slower on a CPU. ``build``
+``build`` compiles once (about 20 s) into a cache folder (``RAVIT_KERNEL_DIR``, else ``~/.cache/ravit/kernels``);
+``scripts/setup.sh`` runs it. Without the kernels FAN runs its oneDNN path and ATS its torch ops: same outputs, slower
+on a CPU. ``build``
 exits with code 1 and the reason when this machine cannot build them (no AVX2/AVX-512, no C++ compiler).
 """
 
@@ -15,8 +16,8 @@ __all__ = ["register", "run"]
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("kernels", help="build ravit's CPU kernels for FAN, or show whether they are in use",
-                              description=__doc__)
+    p = subparsers.add_parser("kernels", description=__doc__,
+                              help="build ravit's CPU kernels for FAN and ATS, or show whether they are in use")
     p.add_argument("action", nargs="?", choices=("build", "status"), default="status",
                    help="'build': compile for this machine unless already built; 'status' (default): print JSON")
     p.add_argument("--force", action="store_true", help="with build: compile again even if built")
